@@ -1,0 +1,76 @@
+"""Augmentation recipes (PIL, torchvision), each cited to the paper/code it reproduces.
+
+Every recipe takes the output crop size, so the same recipe serves ImageNet (224) and CIFAR (32).
+"""
+import random
+
+from PIL import ImageFilter, ImageOps
+import torchvision.transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with radius sigma ~ U(sigma_min, sigma_max) (SimCLR, arXiv:2002.05709 App. A;
+    MoCo v2 applies it as PIL radius, moco/loader.py)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class Solarize:
+    """x >= 128 -> 255 - x on uint8 pixels (BYOL, arXiv:2006.07733 App. B)."""
+
+    def __call__(self, img):
+        return ImageOps.solarize(img, 128)
+
+
+class MultiView:
+    """Applies one or more pipelines to the same image and returns the list of views.
+
+    MultiView(t, t) is MoCo's TwoCropsTransform (two independent draws of one recipe); two
+    different pipelines give BYOL's asymmetric views.
+    """
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+        self.n_views = len(transforms)
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def moco_v1(size=224):
+    """MoCo v1 / InstDisc (arXiv:1911.05722 §4; main_moco.py): grayscale *before* an always-on
+    ColorJitter with hue 0.4; crop scale (0.2, 1)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomGrayscale(p=0.2),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(), normalize])
+
+
+def moco_v2(size=224, blur=True):
+    """MoCo v2 (arXiv:2003.04297; main_moco.py --aug-plus): SimCLR-style jitter p=0.8, grayscale
+    0.2, PIL blur sigma U(0.1, 2) p=0.5, crop scale (0.2, 1). blur=False for 32-px data, as the MoCo
+    CIFAR demo and the SimCLR CIFAR setting."""
+    ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur:
+        ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5))
+    ops += [T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    return T.Compose(ops)
+
+
+def eval_transform(size=224):
+    """Deterministic evaluation view: Resize(size*256/224) + CenterCrop(size) (MoCo main_lincls.py);
+    small images (size < 64, e.g. CIFAR) are only resized to `size`, no border is cut."""
+    resize = size if size < 64 else round(size * 256 / 224)
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])

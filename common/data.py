@@ -1,0 +1,186 @@
+"""Datasets and the epoch sampler.
+
+Accepted data arguments (labels are optional for pre-training):
+  * ImageNet layout `ROOT/train/<class>/*`, `ROOT/val/<class>/*` (pass ROOT or ROOT/train);
+  * a folder of class folders (torchvision ImageFolder);
+  * a flat folder of images (label -1);
+  * an image-list file: one `path [label]` per line, paths relative to the file's folder;
+  * `synthetic[:SIZE]`: fixed random tensors, no decoding or augmentation (pure-compute timing).
+
+Reproducible augmentation: the sampler yields (index, epoch) keys and the dataset seeds the
+augmentation of each sample from (seed, epoch, index). A view is therefore the same whatever the
+number of workers or processes, and a run resumed mid-epoch continues exactly.
+
+Unreadable images stop the run with an error naming the file (a silently skipped image would change
+batch composition and make resume inexact); remove or replace the file and --resume.
+"""
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / 'data' / 'cifar10_sample'  # 500 train + 100 val images per class, see its README
+
+
+def _is_image(name):
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan(path, split='train'):
+    """Returns (samples, classes): samples is a list of (file, label); label -1 when unlabelled."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f'data path {p} does not exist; pass an ImageNet-layout folder, '
+                                f'an image folder or an image-list file')
+    if p.is_file():
+        return _read_list(p)
+    if (p / split).is_dir():
+        p = p / split
+    entries = sorted(os.scandir(p), key=lambda e: e.name)
+    files = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith('.')]
+    samples = [(f, -1) for f in files]
+    for label, c in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(p, c), followlinks=True)):
+            samples += [(os.path.join(root, n), label) for n in sorted(names) if _is_image(n)]
+    if not samples:
+        raise FileNotFoundError(f'no images ({"/".join(IMG_EXTENSIONS)}) found in {p}')
+    if files and classes:  # mixed: unlabelled files beside class folders
+        classes = []
+        samples = [(f, -1) for f, _ in samples]
+    return samples, classes
+
+
+def _read_list(p):
+    samples = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith('#'):
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip('-').isdigit()):
+            raise ValueError(f'{p}:{i}: expected "path [integer label]", got {line!r}')
+        samples.append((str(p.parent / parts[0]), int(parts[1]) if len(parts) == 2 else -1))
+    if not samples:
+        raise FileNotFoundError(f'image list {p} has no entries')
+    n_cls = max(l for _, l in samples) + 1
+    return samples, [str(c) for c in range(n_cls)]
+
+
+def sample_seed(seed, epoch, index):
+    """A distinct 63-bit seed per (run seed, epoch, sample)."""
+    return (((seed * 1_000_003) ^ (epoch * 998_244_353)) * 6_364_136_223 + index) % (2 ** 63)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image -> transform, label, index). Keys may be ints or (index, epoch) from EpochSampler."""
+
+    def __init__(self, samples, classes, transform=None, seed=0):
+        self.samples, self.classes, self.transform, self.seed = samples, classes, transform, seed
+        self.targets = [l for _, l in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        path = self.samples[index][0]
+        try:
+            with open(path, 'rb') as f:
+                return Image.open(f).convert('RGB')
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same to the user
+            raise RuntimeError(f'cannot read image {path}: {e}; remove or replace it, then --resume') from None
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        img = self.load(index)
+        if self.transform is not None:
+            if epoch is None:
+                img = self.transform(img)
+            else:  # seeded draw that leaves the caller's RNG streams untouched
+                s = sample_seed(self.seed, epoch, index)
+                py_state = random.getstate()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s)
+                    random.seed(s)
+                    img = self.transform(img)
+                random.setstate(py_state)
+        return img, self.samples[index][1], index
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Fixed random normalised tensors (a pool of 64), `n_views` copies per item, ImageNet-sized by
+    default so any queue/bank fits. For pure-compute benchmarks."""
+
+    def __init__(self, length=1_281_167, size=224, n_views=1):
+        g = torch.Generator().manual_seed(0)
+        self.pool = torch.randn(64, 3, size, size, generator=g)
+        self.length, self.n_views, self.classes = length, n_views, [str(i) for i in range(10)]
+        self.targets = [i % 10 for i in range(length)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        x = self.pool[index % len(self.pool)]
+        return ([x] * self.n_views if self.n_views > 1 else x), self.targets[index], index
+
+
+def build_dataset(path, transform=None, split='train', seed=0):
+    """Dataset for `path` (see module doc). `transform` may be a MultiView."""
+    if str(path).startswith('synthetic'):
+        size = int(str(path).partition(':')[2] or 224)
+        return SyntheticDataset(size=size, n_views=getattr(transform, 'n_views', 1))
+    samples, classes = scan(path, split)
+    return ImageDataset(samples, classes, transform, seed)
+
+
+def has_split(path, split):
+    p = Path(path)
+    return p.is_dir() and (p / split).is_dir()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled, rank-sharded, drop-last sampler yielding (index, epoch) keys.
+
+    The permutation of epoch e is drawn from (seed, e) alone, so every process agrees on it and a
+    resumed run sees the same order. Each epoch holds floor(N / global_batch) full global batches;
+    process r takes every world-th index. `start_iter` skips the first iterations (mid-epoch resume).
+    """
+
+    def __init__(self, dataset_len, global_batch, rank=0, world=1, seed=0, shuffle=True):
+        if dataset_len < global_batch:
+            raise ValueError(f'dataset has {dataset_len} images, fewer than one global batch '
+                             f'({global_batch}); lower --batch-size')
+        self.n, self.gb, self.rank, self.world = dataset_len, global_batch, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.iters = dataset_len // global_batch
+        self.epoch, self.start_iter = 0, 0
+
+    def set_epoch(self, epoch, start_iter=0):
+        self.epoch, self.start_iter = epoch, start_iter
+
+    def __len__(self):
+        return (self.iters - self.start_iter) * self.gb // self.world
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        order = order[self.start_iter * self.gb: self.iters * self.gb][self.rank::self.world]
+        return iter([(i, self.epoch) for i in order.tolist()])
+
+
+def loader_kwargs(workers, device):
+    """DataLoader options shared by training and evaluation loaders. The loader gets a generator of
+    its own: by default each new iterator draws a seed from the global RNG, which would shift the
+    model's random stream (ShuffleBN permutations) differently in a resumed run."""
+    kw = dict(num_workers=workers, pin_memory=device.type == 'cuda', generator=torch.Generator())
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=4)
+    return kw

@@ -1,0 +1,111 @@
+"""Distributed helpers. Every function works without a process group (it is then a no-op on one
+process), so the same script runs under plain `python` and under torchrun on N processes/nodes."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def init_distributed(device_arg=None):
+    """Sets up from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPU, gloo on CPU.
+
+    Returns (rank, world_size, device). `device_arg` ('cpu', 'cuda') overrides auto-selection.
+    """
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    use_cuda = torch.cuda.is_available() if device_arg in (None, 'auto') else device_arg == 'cuda'
+    if device_arg == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError('--device cuda given but no CUDA device is visible; use --device cpu')
+    device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not is_dist():
+        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
+    return get_rank(), get_world_size(), device
+
+
+def cleanup():
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def concat_all_gather(t):
+    """All-gather along dim 0, no gradient. Assumes the same shape on every process."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def broadcast(t, src=0):
+    if is_dist():
+        dist.broadcast(t, src)
+    return t
+
+
+def all_reduce_sum(t):
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def gather_objects(obj):
+    """List with every process's `obj` (picklable), in rank order."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def batch_shuffle(x, perm=None):
+    """ShuffleBN, shuffle half (MoCo, arXiv:1911.05722 §3.3): permute the *global* batch and give each
+    process its slice, so no process computes BN statistics over the keys of its own queries.
+
+    x: local batch (NxCxHxW). perm: optional permutation of the global batch (injected by tests);
+    otherwise drawn on rank 0 from the CPU generator and broadcast. Returns (local slice, the
+    global inverse permutation for batch_unshuffle).
+    """
+    x_all = concat_all_gather(x)
+    n_all = x_all.shape[0]
+    if perm is None:
+        perm = torch.randperm(n_all)
+    perm = broadcast(perm.to(x.device))
+    n = x.shape[0]
+    r = get_rank()
+    return x_all[perm[r * n:(r + 1) * n]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x, idx_unshuffle):
+    """Inverse of batch_shuffle: gathers the shuffled outputs and returns this process's rows in the
+    original order."""
+    x_all = concat_all_gather(x)
+    n = x.shape[0]
+    r = get_rank()
+    return x_all[idx_unshuffle[r * n:(r + 1) * n]]

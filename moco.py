@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""MoCo v1 / v2: Momentum Contrast for unsupervised visual representation learning.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020
+(arXiv:1911.05722); Chen et al., "Improved Baselines with Momentum Contrastive Learning"
+(arXiv:2003.04297). Reference code: facebookresearch/moco (main_moco.py, moco/builder.py) and
+OpenSelfSup (configs/selfsup/moco). Spec: methods.md §1.
+
+  python moco.py                                    # demo: shipped CIFAR-10 sample, CPU, ~10 min
+  python moco.py /data/imagenet                     # MoCo v1, 1 process (SplitBN emulates 8 GPUs)
+  torchrun --nproc_per_node=8 moco.py /data/imagenet          # MoCo v1, paper defaults
+  torchrun --nproc_per_node=8 moco.py --v2 /data/imagenet     # MoCo v2 (= --mlp --moco-t 0.2 --aug-plus --cos)
+
+Deviations from facebookresearch/moco (all as OpenSelfSup, see README):
+  * conv and projection layers use Kaiming-normal fan_in init (torchvision convs: fan_out, Linear: default);
+  * --lr is per 256 images and scaled linearly with the global batch (the original takes it as is);
+  * on one process the BN of both encoders is split into --bn-splits sub-batches (SplitBatchNorm),
+    since ShuffleBN has nothing to shuffle across.
+"""
+import argparse
+import copy
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import augment, checkpoint, dist, optim
+from common.data import SAMPLE_DATA, EpochSampler, build_dataset, has_split, loader_kwargs
+from common.knn import knn_eval
+from common.log import Logger, Meter, peak_memory_mb, progress
+from common.resnet import build_resnet
+
+# ============ arguments ============
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description='MoCo v1/v2 pre-training', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', nargs='?', default=None,
+                   help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
+                        'omit to run the demo on the shipped CIFAR-10 sample')
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default='resnet50', help='resnet10|18|34|50|101|152 (torchvision names)')
+    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
+    g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    g.add_argument('--bn-splits', type=int, default=8,
+                   help='one process only: BN statistics over this many sub-batches (SplitBatchNorm), '
+                        'emulating the per-GPU BN of an 8-GPU run; 1 = plain BN')
+    g = p.add_argument_group('MoCo')
+    g.add_argument('--moco-dim', type=int, default=128, help='feature dimension')
+    g.add_argument('--moco-k', type=int, default=65536, help='queue size (multiple of the global batch)')
+    g.add_argument('--moco-m', type=float, default=0.999, help='key encoder momentum')
+    g.add_argument('--moco-t', type=float, default=0.07, help='softmax temperature')
+    g.add_argument('--mlp', action='store_true', help='v2: 2-layer MLP projection head')
+    g.add_argument('--aug-plus', action='store_true', help='v2: SimCLR-style augmentation with blur')
+    g.add_argument('--cos', action='store_true', help='v2: cosine LR schedule instead of steps')
+    g.add_argument('--v2', action='store_true', help='MoCo v2: sets --mlp --moco-t 0.2 --aug-plus --cos '
+                   '(flags given explicitly still win)')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=200)
+    g.add_argument('-b', '--batch-size', type=int, default=256,
+                   help='GLOBAL batch over all processes (each process takes batch/world)')
+    g.add_argument('--lr', type=float, default=0.03, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--schedule', type=int, nargs='*', default=[120, 160], help='x0.1 at these epochs (without --cos)')
+    g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--wd', type=float, default=1e-4, help='weight decay')
+    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
+                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
+                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
+    g = p.add_argument_group('data and speed')
+    g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
+    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
+    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
+    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
+    g = p.add_argument_group('checkpoints and logging')
+    g.add_argument('--output-dir', default='output/moco')
+    g.add_argument('--resume', default='', help="checkpoint path, or 'auto' for output-dir/checkpoint_last.pth")
+    g.add_argument('--save-freq', type=int, default=10, help='keep checkpoint_EEEE.pth every N epochs')
+    g.add_argument('--save-iters', type=int, default=0, help='also checkpoint every N iterations (0 = epoch ends only)')
+    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after N steps in all; for smoke tests/benchmarks')
+    g.add_argument('--print-freq', type=int, default=10)
+    g.add_argument('--knn-every', type=int, default=0, help='weighted-kNN monitor every N epochs on the val split (0 = off)')
+    g.add_argument('--knn-k', type=int, default=200)
+    g.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
+    return p
+
+
+# demo: the recipe that beats random init on the 5,000-image sample within ~10 CPU-minutes
+DEMO = dict(data=str(SAMPLE_DATA), arch='resnet10', width=32, cifar_stem=True, crop_size=32, v2=True,
+            moco_k=2048, moco_m=0.99, lr=0.06, epochs=24, workers=2, knn_every=6, save_freq=6,
+            output_dir='output/moco_demo', seed=0)
+V2 = dict(mlp=True, moco_t=0.2, aug_plus=True, cos=True)
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.data is None:  # demo defaults, still overridable by explicit flags
+        p.set_defaults(**DEMO)
+        pre, _ = p.parse_known_args(argv)
+    if pre.v2:
+        p.set_defaults(**V2)
+    return p.parse_args(argv)
+
+
+# ============ model ============
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and a queue of negative keys (builder.py of the paper).
+
+    base_encoder(num_classes) must return a network whose `fc` maps pooled features to num_classes
+    (common.resnet.ResNet does). forward(im_q, im_k) -> (logits Nx(1+K), labels N); `perm` injects the
+    ShuffleBN permutation of the global batch.
+    """
+
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:  # v2: fc -> fc-relu-fc (hidden width = feature width)
+            d = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), self.encoder_k.fc)
+        for mod in list(self.encoder_q.fc.modules()):  # OSS neck init: Kaiming fan_in, bias 0
+            if isinstance(mod, nn.Linear):
+                nn.init.kaiming_normal_(mod.weight, mode='fan_in', nonlinearity='relu')
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.data.copy_(p_q.data)  # key encoder starts as a copy and gets no gradient
+            p_k.requires_grad = False
+        self.register_buffer('queue', F.normalize(torch.randn(dim, K), dim=0))  # dimxK, unit columns
+        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+        self.emb_std = None  # per-dimension std of the last batch's q (collapse monitor; not state)
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """theta_k <- m theta_k + (1 - m) theta_q, parameters only (BN stats are the key encoder's own)."""
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, list(self.encoder_q.parameters()), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        keys = dist.concat_all_gather(keys)  # (world*N)xdim: every process enqueues the global batch
+        n = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % n == 0, f'queue size {self.K} is not a multiple of the global batch {n}'
+        self.queue[:, ptr:ptr + n] = keys.T.to(self.queue.dtype)  # replace the oldest keys
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    def forward(self, im_q, im_k, perm=None):
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        with torch.no_grad():
+            self.emb_std = q.detach().float().std(0, correction=0).mean()
+            self._momentum_update_key_encoder()  # before the keys are computed
+            im_k, idx_unshuffle = dist.batch_shuffle(im_k, perm)  # ShuffleBN
+            k = F.normalize(self.encoder_k(im_k), dim=1)  # NxC
+            k = dist.batch_unshuffle(k, idx_unshuffle)
+        l_pos = torch.einsum('nc,nc->n', q, k).unsqueeze(-1)  # Nx1
+        l_neg = torch.einsum('nc,ck->nk', q, self.queue.clone().detach())  # NxK, snapshot of the queue
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # Nx(1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positive at 0
+        self._dequeue_and_enqueue(k)  # after the logits: a batch's keys are never its own negatives
+        return logits, labels
+
+
+# ============ training ============
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = dist.init_distributed(args.device)
+    ckpt_path = checkpoint.resume_path(args.resume, args.output_dir)
+    ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
+    if args.seed is None:  # a resumed run keeps its seed: the augmentation of every sample depends on it
+        args.seed = ckpt['args']['seed'] if ckpt else int(dist.broadcast(torch.randint(0, 2**31, (1,)))[0])
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    log = Logger(args.output_dir, args.tensorboard)
+    git = checkpoint.git_commit()
+    log.print(f'git {git}  world size {world}  device {device}')
+    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+
+    # ============ data ============
+    if args.batch_size % world:
+        raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by '
+                         f'the number of processes ({world})')
+    local_bs = args.batch_size // world
+    bn_splits = args.bn_splits if world == 1 else 1
+    if bn_splits > 1 and local_bs % bn_splits:
+        raise SystemExit(f'--bn-splits {bn_splits} must divide the batch of {local_bs}; change one of them')
+    if args.moco_k % args.batch_size:
+        raise SystemExit(f'--moco-k {args.moco_k} must be a multiple of the global batch {args.batch_size}; '
+                         f'use e.g. --moco-k {max(1, args.moco_k // args.batch_size) * args.batch_size}')
+    if args.aug_plus:
+        aug = augment.moco_v2(args.crop_size, blur=args.crop_size >= 64)  # no blur on 32-px data
+    else:
+        aug = augment.moco_v1(args.crop_size)
+    try:
+        train_set = build_dataset(args.data, augment.MultiView(aug, aug), seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'data: {e}') from None
+    if args.moco_k > len(train_set):
+        raise SystemExit(f'--moco-k {args.moco_k} is larger than the dataset ({len(train_set)} images); '
+                         f'use at most {len(train_set) // args.batch_size * args.batch_size}')
+    sampler = EpochSampler(len(train_set), args.batch_size, rank, world, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
+                                         **loader_kwargs(args.workers, device))
+    iters = sampler.iters
+    log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
+              f'({local_bs} per process), BN splits {bn_splits}')
+
+    # ============ model ============
+    def encoder(num_classes):
+        return build_resnet(args.arch, num_classes, args.width, args.cifar_stem, bn_splits=bn_splits)
+
+    model = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    if world > 1:
+        # no buffer broadcast: the queue is kept identical by enqueueing the gathered keys (saves a
+        # dimxK copy per step); BN running stats stay per process and rank 0's are saved
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                                    broadcast_buffers=False)
+
+    # ============ optimizer / resume ============
+    lr = optim.scaled_lr(args.lr, args.batch_size)
+    log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256')
+    groups = optim.param_groups(core, args.param_group, log.print)
+    optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    start_epoch, start_iter, knn_random = 0, 0, None
+    if ckpt:
+        try:
+            core.load_state_dict(ckpt['model'])
+        except RuntimeError as e:
+            raise SystemExit(f'--resume {ckpt_path}: model does not match the flags: {str(e).splitlines()[1:3]}')
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, start_iter, knn_random = ckpt['epoch'], ckpt['iter'], ckpt.get('knn_random')
+        if len(ckpt['rng']) == world:
+            checkpoint.set_rng_state(ckpt['rng'][rank])
+        else:
+            log.print(f'warning: checkpoint has RNG states of {len(ckpt["rng"])} processes, not {world}; '
+                      f'the run continues but not bitwise as it would have')
+        log.print(f'resumed from {ckpt_path} at epoch {start_epoch} iteration {start_iter}')
+        del ckpt
+
+    def save(epoch, it, keep=False):
+        state = dict(model=core.state_dict(), backbone_prefix='encoder_q.', optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict(), epoch=epoch, iter=it, args=vars(args), git=git,
+                     rng=checkpoint.all_rng_states(), knn_random=knn_random)
+        if dist.is_main():
+            checkpoint.save_training(state, args.output_dir, epoch, keep)
+
+    knn = None
+    if args.knn_every:
+        knn = KnnMonitor(args, core.encoder_q, device)
+        if knn_random is None:
+            knn_random = knn(copy.deepcopy(core.encoder_q))  # the same network at initialisation
+            log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
+
+    # ============ training loop ============
+    rec = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        stopped = train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, lr,
+                                  args, device, log, save)
+        start_iter = 0
+        if stopped:
+            break
+        rec = {}
+        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            rec = dict(knn_top1=knn(core.encoder_q), knn_random=knn_random)
+            log.print(f'epoch {epoch}: kNN top-1 {rec["knn_top1"]:.2f} (random init {knn_random:.2f})')
+            log.record(type='knn', epoch=epoch, **rec)
+        save(epoch + 1, 0, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+
+    # ============ save the backbone ============
+    if dist.is_main():
+        sd = {k: v for k, v in core.encoder_q.state_dict().items() if not k.startswith('fc.')}
+        checkpoint.save_atomic(sd, os.path.join(args.output_dir, 'backbone.pth'))
+        log.print(f'backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
+        if knn and rec:
+            log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
+                      f'random init {knn_random:.2f}')
+    log.close()
+    dist.cleanup()
+    return core
+
+
+def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device,
+                    log, save):
+    """One epoch from `start_iter`; returns True when --max-steps was reached."""
+    meters = [Meter('Time', ':.3f'), Meter('Data', ':.3f'), Meter('Loss', ':.4e'), Meter('Acc@1', ':.2f')]
+    batch_time, data_time, losses, top1 = meters
+    model.train()
+    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
+               enabled=args.amp != 'off')
+    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    # sums over the steps since the last log line, kept on the device: .item() syncs, so only when logging
+    win_loss, win_acc = torch.zeros((), device=device), torch.zeros((), device=device)
+    win_n, win_data, win_start = 0, 0.0, time.perf_counter()
+    end = win_start
+    for it, (images, _, _) in enumerate(loader, start=start_iter):
+        win_data += time.perf_counter() - end
+        lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, args.cos, args.schedule,
+                         warmup_epochs=args.warmup_epochs)
+        optim.set_lr(optimizer, lr)
+        im_q = images[0].to(device, non_blocking=True, memory_format=fmt)
+        im_k = images[1].to(device, non_blocking=True, memory_format=fmt)
+        with torch.autocast(**amp):
+            logits, labels = model(im_q, im_k)
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        win_loss += loss.detach()
+        win_acc += (logits.detach().argmax(1) == 0).float().mean() * 100  # positive ranked first
+        win_n += 1
+        step = epoch * iters + it + 1
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            losses.update(win_loss.item() / win_n, win_n)
+            top1.update(win_acc.item() / win_n, win_n)
+            dt = time.perf_counter() - win_start  # whole iterations, data loading included
+            batch_time.update(dt / win_n, win_n)
+            data_time.update(win_data / win_n, win_n)
+            log.print(progress(epoch, it + 1, iters, meters))
+            log.record(step=step, type='train', epoch=epoch, iter=it + 1, loss=losses.val, acc=top1.val,
+                       lr=lr, img_s=args.batch_size * win_n / dt, data_time=data_time.val,
+                       emb_std=core.emb_std, peak_mem_mb=peak_memory_mb(device))
+            win_loss.zero_(), win_acc.zero_()
+            win_n, win_data, win_start = 0, 0.0, time.perf_counter()
+        if args.save_iters and step % args.save_iters == 0 and it + 1 < iters:
+            save(epoch, it + 1)
+        if args.max_steps and step >= args.max_steps:
+            save(epoch, it + 1) if it + 1 < iters else save(epoch + 1, 0)
+            log.print(f'--max-steps {args.max_steps} reached')
+            return True
+        end = time.perf_counter()
+    log.record(step=(epoch + 1) * iters, type='epoch', epoch=epoch, loss=losses.avg, acc=top1.avg,
+               img_s=args.batch_size / max(batch_time.avg, 1e-9), epoch_time=batch_time.sum,
+               peak_mem_mb=peak_memory_mb(device))
+    return False
+
+
+class KnnMonitor:
+    """Weighted-kNN top-1 of the backbone (fc skipped): train split (eval transform) as the bank,
+    val split as queries (NPID protocol, k=--knn-k, T=0.07)."""
+
+    def __init__(self, args, encoder, device):
+        if not has_split(args.data, 'val'):
+            raise SystemExit(f'--knn-every needs {args.data}/val/<class>/ images; drop --knn-every')
+        tf = augment.eval_transform(args.crop_size)
+        self.train_set = build_dataset(args.data, tf, 'train')
+        self.val_set = build_dataset(args.data, tf, 'val')
+        self.args, self.device = args, device
+
+    def __call__(self, encoder):
+        was_training = encoder.training
+        encoder.eval()
+        res = knn_eval(encoder.pooled, self.train_set, self.val_set, (self.args.knn_k,),
+                       batch_size=256, workers=self.args.workers, device=self.device)
+        encoder.train(was_training)
+        return res[self.args.knn_k][0]
+
+
+if __name__ == '__main__':
+    main()
