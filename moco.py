@@ -20,18 +20,15 @@ Deviations from facebookresearch/moco (all as OpenSelfSup, see README):
 import argparse
 import copy
 import os
-import random
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
-from common.data import SAMPLE_DATA, EpochSampler, build_dataset, has_split, loader_kwargs
-from common.knn import knn_eval
-from common.log import Logger, Meter, peak_memory_mb, progress
+from common.data import SAMPLE_DATA, train_loader
+from common.knn import KnnMonitor
+from common.log import TrainMeter, start_run
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -142,13 +139,6 @@ class MoCo(nn.Module):
         self.emb_std = None  # per-dimension std of the last batch's q (collapse monitor; not state)
 
     @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        """theta_k <- m theta_k + (1 - m) theta_q, parameters only (BN stats are the key encoder's own)."""
-        k_params = list(self.encoder_k.parameters())
-        torch._foreach_mul_(k_params, self.m)
-        torch._foreach_add_(k_params, list(self.encoder_q.parameters()), alpha=1 - self.m)
-
-    @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
         keys = dist.concat_all_gather(keys)  # (world*N)xdim: every process enqueues the global batch
         n = keys.shape[0]
@@ -161,7 +151,8 @@ class MoCo(nn.Module):
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         with torch.no_grad():
             self.emb_std = q.detach().float().std(0, correction=0).mean()
-            self._momentum_update_key_encoder()  # before the keys are computed
+            # theta_k <- m theta_k + (1 - m) theta_q, parameters only, *before* the keys are computed
+            optim.ema_update(self.encoder_k, self.encoder_q, self.m)
             im_k, idx_unshuffle = dist.batch_shuffle(im_k, perm)  # ShuffleBN
             k = F.normalize(self.encoder_k(im_k), dim=1)  # NxC
             k = dist.batch_unshuffle(k, idx_unshuffle)
@@ -179,26 +170,11 @@ class MoCo(nn.Module):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = dist.init_distributed(args.device)
-    ckpt_path = checkpoint.resume_path(args.resume, args.output_dir)
-    ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
-    if args.seed is None:  # a resumed run keeps its seed: the augmentation of every sample depends on it
-        args.seed = ckpt['args']['seed'] if ckpt else int(dist.broadcast(torch.randint(0, 2**31, (1,)))[0])
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    log = Logger(args.output_dir, args.tensorboard)
-    git = checkpoint.git_commit()
-    log.print(f'git {git}  world size {world}  device {device}')
-    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    ckpt_path, ckpt = checkpoint.open_resume(args)
+    dist.seed_all(args.seed, args.deterministic)
+    log, git = start_run(args, world, device)
 
     # ============ data ============
-    if args.batch_size % world:
-        raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by '
-                         f'the number of processes ({world})')
     local_bs = args.batch_size // world
     bn_splits = args.bn_splits if world == 1 else 1
     if bn_splits > 1 and local_bs % bn_splits:
@@ -210,16 +186,11 @@ def main(argv=None):
         aug = augment.moco_v2(args.crop_size, blur=args.crop_size >= 64)  # no blur on 32-px data
     else:
         aug = augment.moco_v1(args.crop_size)
-    try:
-        train_set = build_dataset(args.data, augment.MultiView(aug, aug), seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'data: {e}') from None
+    train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
+                                              world, args.seed, args.workers, device)
     if args.moco_k > len(train_set):
         raise SystemExit(f'--moco-k {args.moco_k} is larger than the dataset ({len(train_set)} images); '
                          f'use at most {len(train_set) // args.batch_size * args.batch_size}')
-    sampler = EpochSampler(len(train_set), args.batch_size, rank, world, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                                         **loader_kwargs(args.workers, device))
     iters = sampler.iters
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
               f'({local_bs} per process), BN splits {bn_splits}')
@@ -246,31 +217,19 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start_epoch, start_iter, knn_random = 0, 0, None
     if ckpt:
-        try:
-            core.load_state_dict(ckpt['model'])
-        except RuntimeError as e:
-            raise SystemExit(f'--resume {ckpt_path}: model does not match the flags: {str(e).splitlines()[1:3]}')
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        start_epoch, start_iter, knn_random = ckpt['epoch'], ckpt['iter'], ckpt.get('knn_random')
-        if len(ckpt['rng']) == world:
-            checkpoint.set_rng_state(ckpt['rng'][rank])
-        else:
-            log.print(f'warning: checkpoint has RNG states of {len(ckpt["rng"])} processes, not {world}; '
-                      f'the run continues but not bitwise as it would have')
-        log.print(f'resumed from {ckpt_path} at epoch {start_epoch} iteration {start_iter}')
+        start_epoch, start_iter = checkpoint.restore(ckpt, ckpt_path, core, optimizer, scaler, log)
+        knn_random = ckpt.get('knn_random')
         del ckpt
 
     def save(epoch, it, keep=False):
-        state = dict(model=core.state_dict(), backbone_prefix='encoder_q.', optimizer=optimizer.state_dict(),
-                     scaler=scaler.state_dict(), epoch=epoch, iter=it, args=vars(args), git=git,
-                     rng=checkpoint.all_rng_states(), knn_random=knn_random)
+        state = checkpoint.training_state(core, 'encoder_q.', optimizer, scaler, epoch, it, args, git,
+                                          knn_random=knn_random)
         if dist.is_main():
             checkpoint.save_training(state, args.output_dir, epoch, keep)
 
     knn = None
     if args.knn_every:
-        knn = KnnMonitor(args, core.encoder_q, device)
+        knn = KnnMonitor(args.data, args.crop_size, args.knn_k, args.workers, device)
         if knn_random is None:
             knn_random = knn(copy.deepcopy(core.encoder_q))  # the same network at initialisation
             log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
@@ -293,8 +252,7 @@ def main(argv=None):
 
     # ============ save the backbone ============
     if dist.is_main():
-        sd = {k: v for k, v in core.encoder_q.state_dict().items() if not k.startswith('fc.')}
-        checkpoint.save_atomic(sd, os.path.join(args.output_dir, 'backbone.pth'))
+        checkpoint.save_backbone(core.encoder_q, os.path.join(args.output_dir, 'backbone.pth'))
         log.print(f'backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
         if knn and rec:
             log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
@@ -307,18 +265,13 @@ def main(argv=None):
 def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device,
                     log, save):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
-    meters = [Meter('Time', ':.3f'), Meter('Data', ':.3f'), Meter('Loss', ':.4e'), Meter('Acc@1', ':.2f')]
-    batch_time, data_time, losses, top1 = meters
     model.train()
+    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
     amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
                enabled=args.amp != 'off')
     fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    # sums over the steps since the last log line, kept on the device: .item() syncs, so only when logging
-    win_loss, win_acc = torch.zeros((), device=device), torch.zeros((), device=device)
-    win_n, win_data, win_start = 0, 0.0, time.perf_counter()
-    end = win_start
     for it, (images, _, _) in enumerate(loader, start=start_iter):
-        win_data += time.perf_counter() - end
+        meter.data_ready()
         lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, args.cos, args.schedule,
                          warmup_epochs=args.warmup_epochs)
         optim.set_lr(optimizer, lr)
@@ -331,54 +284,20 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        win_loss += loss.detach()
-        win_acc += (logits.detach().argmax(1) == 0).float().mean() * 100  # positive ranked first
-        win_n += 1
+        acc = (logits.detach().argmax(1) == 0).float().mean() * 100  # positive ranked first
+        meter.step(it, lr, loss=loss, acc=acc, emb_std=core.emb_std)
         step = epoch * iters + it + 1
-        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
-            losses.update(win_loss.item() / win_n, win_n)
-            top1.update(win_acc.item() / win_n, win_n)
-            dt = time.perf_counter() - win_start  # whole iterations, data loading included
-            batch_time.update(dt / win_n, win_n)
-            data_time.update(win_data / win_n, win_n)
-            log.print(progress(epoch, it + 1, iters, meters))
-            log.record(step=step, type='train', epoch=epoch, iter=it + 1, loss=losses.val, acc=top1.val,
-                       lr=lr, img_s=args.batch_size * win_n / dt, data_time=data_time.val,
-                       emb_std=core.emb_std, peak_mem_mb=peak_memory_mb(device))
-            win_loss.zero_(), win_acc.zero_()
-            win_n, win_data, win_start = 0, 0.0, time.perf_counter()
         if args.save_iters and step % args.save_iters == 0 and it + 1 < iters:
             save(epoch, it + 1)
         if args.max_steps and step >= args.max_steps:
-            save(epoch, it + 1) if it + 1 < iters else save(epoch + 1, 0)
+            if it + 1 < iters:
+                save(epoch, it + 1)
+            else:
+                save(epoch + 1, 0)
             log.print(f'--max-steps {args.max_steps} reached')
             return True
-        end = time.perf_counter()
-    log.record(step=(epoch + 1) * iters, type='epoch', epoch=epoch, loss=losses.avg, acc=top1.avg,
-               img_s=args.batch_size / max(batch_time.avg, 1e-9), epoch_time=batch_time.sum,
-               peak_mem_mb=peak_memory_mb(device))
+    meter.epoch_end()
     return False
-
-
-class KnnMonitor:
-    """Weighted-kNN top-1 of the backbone (fc skipped): train split (eval transform) as the bank,
-    val split as queries (NPID protocol, k=--knn-k, T=0.07)."""
-
-    def __init__(self, args, encoder, device):
-        if not has_split(args.data, 'val'):
-            raise SystemExit(f'--knn-every needs {args.data}/val/<class>/ images; drop --knn-every')
-        tf = augment.eval_transform(args.crop_size)
-        self.train_set = build_dataset(args.data, tf, 'train')
-        self.val_set = build_dataset(args.data, tf, 'val')
-        self.args, self.device = args, device
-
-    def __call__(self, encoder):
-        was_training = encoder.training
-        encoder.eval()
-        res = knn_eval(encoder.pooled, self.train_set, self.val_set, (self.args.knn_k,),
-                       batch_size=256, workers=self.args.workers, device=self.device)
-        encoder.train(was_training)
-        return res[self.args.knn_k][0]
 
 
 if __name__ == '__main__':

@@ -74,3 +74,32 @@ def eval_transform(size=224):
     small images (size < 64, e.g. CIFAR) are only resized to `size`, no border is cut."""
     resize = size if size < 64 else round(size * 256 / 224)
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
+
+
+def simclr(size=224, blur=True):
+    """SimCLR (arXiv:2002.05709 App. A; OpenSelfSup simclr/r50_bs256_ep200.py): crop scale (0.08, 1),
+    flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale 0.2, PIL blur sigma U(0.1, 2) p=0.5.
+    blur=False for 32-px data, as the paper's CIFAR-10 setting."""
+    ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur:
+        ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5))
+    return T.Compose(ops + [T.ToTensor(), normalize])
+
+
+def byol(size=224, view=1, blur=True):
+    """BYOL asymmetric views (arXiv:2006.07733 App. B, Table 6; OpenSelfSup byol/r50_bs256_ep200.py):
+    bicubic crop scale (0.08, 1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur
+    p=1.0 (view 1) / 0.1 (view 2), solarize p=0 / 0.2. blur=False drops the blur (32-px data)."""
+    p_blur, p_sol = (1.0, 0.0) if view == 1 else (0.1, 0.2)
+    ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur:
+        ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=p_blur))
+    if p_sol:
+        ops.append(T.RandomApply([Solarize()], p=p_sol))
+    return T.Compose(ops + [T.ToTensor(), normalize])

@@ -96,6 +96,44 @@ def resume_path(resume, output_dir):
     return Path(resume)
 
 
+def open_resume(args):
+    """Loads the checkpoint named by --resume (or None) and settles args.seed: a resumed run keeps its
+    seed, since the augmentation of every sample depends on it; a fresh run without --seed draws one
+    (the same on every process). Returns (path, checkpoint)."""
+    path = resume_path(args.resume, args.output_dir)
+    ckpt = load(path) if path else None
+    if args.seed is None:
+        args.seed = ckpt['args']['seed'] if ckpt else int(dist.broadcast(torch.randint(0, 2 ** 31, (1,)))[0])
+    return path, ckpt
+
+
+def training_state(model, backbone_prefix, optimizer, scaler, epoch, it, args, git, **extra):
+    """Everything a resumed run needs. `epoch`/`it`: where training continues. Collective: every
+    process must call it (it gathers the RNG states); rank 0 then writes it with save_training."""
+    return dict(model=model.state_dict(), backbone_prefix=backbone_prefix, optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), epoch=epoch, iter=it, args=vars(args), git=git,
+                rng=all_rng_states(), **extra)
+
+
+def restore(ckpt, path, model, optimizer, scaler, log):
+    """Loads a training_state into model/optimizer/scaler and this process's RNG; returns (epoch, iter)."""
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise SystemExit(f'--resume {path}: the model does not match the flags: '
+                         f'{" ".join(str(e).split())[:300]}') from None
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(ckpt['rng']) == world:
+        set_rng_state(ckpt['rng'][rank])
+    else:
+        log.print(f'warning: the checkpoint holds RNG states of {len(ckpt["rng"])} processes, not {world}; '
+                  f'training continues, but not bitwise as it would have')
+    log.print(f'resumed from {path} at epoch {ckpt["epoch"]} iteration {ckpt["iter"]}')
+    return ckpt['epoch'], ckpt['iter']
+
+
 def save_training(state, output_dir, epoch_done, keep_epoch):
     """Writes checkpoint_last.pth atomically; on epoch ends with keep_epoch also keeps
     checkpoint_{epoch:04d}.pth (a hard link, no extra disk). Call on rank 0 only."""
@@ -116,6 +154,11 @@ def save_training(state, output_dir, epoch_done, keep_epoch):
 
 
 # ---------------------------------------------------------------- backbone extraction / loading
+
+def save_backbone(backbone, path):
+    """Writes a ResNet's weights without fc (torchvision names): loads into torchvision's resnet with
+    only fc missing. Call on rank 0."""
+    save_atomic({k: v for k, v in backbone.state_dict().items() if not k.startswith('fc.')}, path)
 
 def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -184,3 +184,19 @@ def loader_kwargs(workers, device):
     if workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=4)
     return kw
+
+
+def train_loader(data, transform, global_batch, rank, world, seed, workers, device):
+    """(dataset, EpochSampler, DataLoader) for pre-training, with one-line errors for bad input.
+    `global_batch` is split evenly over the `world` processes."""
+    if global_batch % world:
+        raise SystemExit(f'--batch-size {global_batch} is the global batch and must be divisible by the '
+                         f'number of processes ({world})')
+    try:
+        dataset = build_dataset(data, transform, seed=seed)
+        sampler = EpochSampler(len(dataset), global_batch, rank, world, seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'data: {e}') from None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
+                                         drop_last=True, **loader_kwargs(workers, device))
+    return dataset, sampler, loader

@@ -1,7 +1,9 @@
 """Distributed helpers. Every function works without a process group (it is then a no-op on one
 process), so the same script runs under plain `python` and under torchrun on N processes/nodes."""
 import os
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,6 +40,18 @@ def init_distributed(device_arg=None):
     if world > 1 and not is_dist():
         dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
     return get_rank(), get_world_size(), device
+
+
+def seed_all(seed, deterministic=False):
+    """Seeds python, numpy and torch alike on every process (so models start identical), and with
+    `deterministic` asks for deterministic kernels (slower on GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def cleanup():
@@ -109,3 +123,31 @@ def batch_unshuffle(x, idx_unshuffle):
     n = x.shape[0]
     r = get_rank()
     return x_all[idx_unshuffle[r * n:(r + 1) * n]]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)  # world x N x ...: this process's loss w.r.t. every process's rows
+        dist.all_reduce(g)      # summed over processes: every loss's gradient w.r.t. every row
+        return g[get_rank()]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0 that carries gradients back to every process's rows.
+
+    The backward all-reduces the incoming gradients before taking this process's slice, so rows of
+    process r receive the gradient of *every* process's loss, not only of process r's (the defect of
+    the GatherLayer most SimCLR ports copy, methods.md §2.1). With DDP averaging parameter gradients
+    over W processes, the result equals the gradient of the mean of the W losses, i.e. of one process
+    running the whole batch with a loss that is the mean over all anchors.
+    """
+    if not is_dist():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x))

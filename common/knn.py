@@ -71,3 +71,26 @@ def knn_eval(fn, train_set, val_set, ks=(200,), t=0.07, batch_size=256, workers=
         raise ValueError('kNN needs labelled data (class folders or labels in the image list)')
     c = max(len(train_set.classes), int(trl.max()) + 1)
     return {k: knn_accuracy(tr, trl, va, val, k, t, c) for k in ks}
+
+
+class KnnMonitor:
+    """Online weighted-kNN top-1 of a backbone during pre-training: the train split (deterministic
+    eval transform) is the bank, the val split the queries. `monitor(encoder)` evaluates
+    encoder.pooled (fc skipped) in eval mode and restores the encoder's mode. Collective."""
+
+    def __init__(self, data, crop_size, k=200, workers=4, device=torch.device('cpu')):
+        from common.augment import eval_transform
+        from common.data import build_dataset, has_split
+        if not has_split(data, 'val'):
+            raise SystemExit(f'--knn-every needs {data}/val/<class>/ images; drop --knn-every')
+        tf = eval_transform(crop_size)
+        self.train_set, self.val_set = build_dataset(data, tf, 'train'), build_dataset(data, tf, 'val')
+        self.k, self.workers, self.device = k, workers, device
+
+    def __call__(self, encoder):
+        was_training = encoder.training
+        encoder.eval()
+        res = knn_eval(encoder.pooled, self.train_set, self.val_set, (self.k,), workers=self.workers,
+                       device=self.device)
+        encoder.train(was_training)
+        return res[self.k][0]

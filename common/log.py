@@ -3,6 +3,7 @@ TensorBoard scalars. Only rank 0 writes; other ranks' calls are no-ops."""
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from common import dist
 
 
 class Logger:
+    """Rank-0 stdout and log.jsonl writer (see the module docstring)."""
+
     def __init__(self, output_dir=None, tensorboard=False, filename='log.jsonl'):
         self.main = dist.is_main()
         self.file = self.tb = None
@@ -79,3 +82,75 @@ def peak_memory_mb(device):
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / 2 ** 20 if sys.platform == 'darwin' else ru / 2 ** 10
 
+
+
+class TrainMeter:
+    """Step statistics of one epoch: scalars are summed on the device (no sync per step) and turned
+    into a progress line + a log.jsonl record every `print_freq` steps and at the epoch's end.
+
+        meter = TrainMeter(log, epoch, iters, global_batch, device, print_freq)
+        for it, batch in enumerate(loader, start=start_iter):
+            meter.data_ready()
+            ...
+            meter.step(it, lr, loss=loss, acc=acc)   # tensors or floats, averaged over the window
+        meter.epoch_end()
+    img/s counts whole iterations, data loading included.
+    """
+
+    NAMES = {'loss': ('Loss', ':.4e'), 'acc': ('Acc@1', ':.2f')}
+
+    def __init__(self, log, epoch, iters, batch_size, device, print_freq):
+        self.log, self.epoch, self.iters, self.bs, self.device = log, epoch, iters, batch_size, device
+        self.print_freq = print_freq
+        self.time, self.data = Meter('Time', ':.3f'), Meter('Data', ':.3f')
+        self.meters = {}
+        self._reset()
+        self.end = self.start
+
+    def _reset(self):
+        self.sums, self.n, self.win_data, self.start = {}, 0, 0.0, time.perf_counter()
+
+    def data_ready(self):
+        self.win_data += time.perf_counter() - self.end
+
+    def step(self, it, lr, **scalars):
+        for k, v in scalars.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        if (it + 1) % self.print_freq == 0 or it + 1 == self.iters:
+            self._flush(it, lr)
+        self.end = time.perf_counter()
+
+    def _flush(self, it, lr):
+        dt = time.perf_counter() - self.start
+        self.time.update(dt / self.n, self.n)
+        self.data.update(self.win_data / self.n, self.n)
+        vals = {k: (float(v) / self.n) for k, v in self.sums.items()}  # float() of a tensor syncs
+        for k, v in vals.items():
+            if k not in self.meters:
+                name, fmt = self.NAMES.get(k, (k, ':.4f'))
+                self.meters[k] = Meter(name, fmt)
+            self.meters[k].update(v, self.n)
+        self.log.print(progress(self.epoch, it + 1, self.iters, [self.time, self.data, *self.meters.values()]))
+        self.log.record(step=self.epoch * self.iters + it + 1, type='train', epoch=self.epoch, iter=it + 1,
+                        lr=lr, img_s=self.bs * self.n / dt, data_time=self.data.val,
+                        peak_mem_mb=peak_memory_mb(self.device), **vals)
+        self._reset()
+
+    def epoch_end(self, **extra):
+        """Records the epoch's averages (of the logged windows, weighted by their steps)."""
+        self.log.record(step=(self.epoch + 1) * self.iters, type='epoch', epoch=self.epoch,
+                        **{k: m.avg for k, m in self.meters.items()},
+                        img_s=self.bs / max(self.time.avg, 1e-9), epoch_time=self.time.sum,
+                        peak_mem_mb=peak_memory_mb(self.device), **extra)
+
+
+def start_run(args, world, device, filename='log.jsonl'):
+    """Logger for args.output_dir; prints the git commit, world size, device and every argument."""
+    from common.checkpoint import git_commit
+    log = Logger(args.output_dir, getattr(args, 'tensorboard', False), filename)
+    git = git_commit()
+    log.print(f'git {git}  world size {world}  device {device}')
+    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    return log, git

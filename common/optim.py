@@ -7,6 +7,8 @@ linear warm-up, when asked for, is applied per *iteration* on top of it.
 import math
 import re
 
+import torch
+
 
 def scaled_lr(lr_per_256, global_batch):
     """Linear scaling rule (Goyal et al. 2017): the recipe's LR is stated for a global batch of 256."""
@@ -81,3 +83,65 @@ def param_groups(model, rules, log=print):
             log(f'param group {dict(key) or "default"}: {shown}')
         out.append({'params': params, **dict(key)})
     return out
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), as OpenSelfSup defines it (methods.md §0.3).
+
+    For every parameter w with gradient g, per step:
+        trust = eta * ||w|| / (||g|| + wd * ||w||)     (1 for groups with lars_exclude=True)
+        d     = (g + wd * w) * lr * trust               (the LR is folded in before momentum)
+        buf   = momentum * buf + d                      (buf = d on the first step)
+        w    -= buf
+    Deviation: trust is 1 where ||w|| or the denominator is 0 (TF SimCLR's guard); OpenSelfSup would
+    divide by zero or freeze a zero-initialised weight. The exclusion of BN and bias parameters
+    (wd 0, lars_exclude) is expressed with param groups (--param-group), as OpenSelfSup's configs.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, lars_exclude=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=lars_exclude))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, m, eta = group['weight_decay'], group['momentum'], group['eta']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group['lars_exclude']:
+                    trust = 1.0
+                else:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    denom = g_norm + wd * w_norm
+                    trust = torch.where((w_norm > 0) & (denom > 0), eta * w_norm / denom, torch.ones_like(w_norm))
+                d = g.add(p, alpha=wd) if wd else g.clone()
+                d.mul_(trust * group['lr'])
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = d
+                else:
+                    state['momentum_buffer'].mul_(m).add_(d)
+                p.sub_(state['momentum_buffer'])
+        return loss
+
+
+@torch.no_grad()
+def ema_update(target, source, m):
+    """target <- m * target + (1 - m) * source, over parameters only (buffers such as BN statistics
+    are the target's own). MoCo's key encoder and BYOL's target network."""
+    t = list(target.parameters())
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, list(source.parameters()), alpha=1 - m)
+
+
+# OpenSelfSup's SimCLR/BYOL exclusions (methods.md §0.3): BN and bias parameters get no weight decay
+# and no LARS adaptation. As in OpenSelfSup, the downsample BN ('downsample.1.*') does not match the
+# first rule; its bias is caught by the second.
+LARS_EXCLUDE_RULES = [(r'(bn|gn)(\d+)?.(weight|bias)', {'weight_decay': 0.0, 'lars_exclude': True}),
+                      (r'bias', {'weight_decay': 0.0, 'lars_exclude': True})]
