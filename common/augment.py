@@ -5,6 +5,7 @@ Every recipe takes the output crop size, so the same recipe serves ImageNet (224
 import random
 
 from PIL import ImageFilter, ImageOps
+import torch
 import torchvision.transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,3 +104,60 @@ def byol(size=224, view=1, blur=True):
     if p_sol:
         ops.append(T.RandomApply([Solarize()], p=p_sol))
     return T.Compose(ops + [T.ToTensor(), normalize])
+
+
+# ---------------------------------------------------------------- evaluation recipes
+
+# ImageNet RGB PCA (eigenvalues, eigenvectors as columns) of AlexNet's lighting noise, as
+# fb.resnet.torch and OSS datasets/pipelines/transforms.py Lighting use them
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting:
+    """AlexNet PCA lighting noise on a [0,1] RGB tensor (Krizhevsky et al. 2012 §4.1): adds
+    eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, alphastd) per component."""
+
+    def __init__(self, alphastd=0.1):
+        self.alphastd = alphastd
+        self.eigval, self.eigvec = torch.tensor(IMAGENET_EIGVAL), torch.tensor(IMAGENET_EIGVEC)
+
+    def __call__(self, img):
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = self.eigvec @ (alpha * self.eigval)  # 3
+        return img + rgb.view(3, 1, 1).to(img.dtype)
+
+    def __repr__(self):
+        return f'Lighting(alphastd={self.alphastd})'
+
+
+def goyal_linear(size=224):
+    """Multi-head linear training augmentation (Goyal et al. 2019; OSS benchmarks r50_multihead.py):
+    RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4, 0) + PCA lighting 0.1."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4, 0.0),
+                      T.ToTensor(), Lighting(0.1), normalize])
+
+
+def warp_transform(size=224):
+    """VOC07 SVM feature view (OSS benchmarks/extract_info/voc07.py): Resize(size*256/224) on the short
+    side, then warp (resize, aspect not kept) to size x size, no crop; below 64 px only the warp."""
+    ops = [] if size < 64 else [T.Resize(round(size * 256 / 224))]
+    return T.Compose(ops + [T.Resize((size, size)), T.ToTensor(), normalize])
+
+
+def deepcluster(size=224, min_scale=0.08):
+    """OpenSelfSup DeepCluster and ODC (methods.md §5.2, §6; OSS configs deepcluster/r50.py,
+    odc/r50_v1.py): RandomResizedCrop (scale (min_scale, 1), OSS 0.08), flip, RandomRotation(2 degrees),
+    an always-on ColorJitter(0.4, 0.4, 1.0, 0.5), grayscale 0.2. The original DeepCluster uses crop +
+    flip only."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomRotation(2),
+        T.ColorJitter(0.4, 0.4, 1.0, 0.5),
+        T.RandomGrayscale(p=0.2),
+        T.ToTensor(), normalize])

@@ -6,8 +6,10 @@ A training checkpoint is a dict with at least
   args, epoch, iter, optimizer, scaler, rng, git
 and loads with torch.load(weights_only=True): only tensors and plain Python values are stored.
 """
+import hashlib
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def load(path, map_location='cpu', weights_only=True):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
+    verify_published(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001
@@ -207,3 +210,38 @@ def load_backbone(path, weights_only=True):
                          f'unexpected {unexpected[:10]}')
     args = ckpt.get('args', {}) if isinstance(ckpt, dict) else {}
     return model, sd, args
+
+
+# ---------------------------------------------------------------- published files (scripts/publish_model.py)
+
+PUBLISHED_NAME = re.compile(r'-([0-9a-f]{8})\.pth$')  # NAME-<first 8 hex digits of the sha256>.pth
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_published(path):
+    """For a file named like a published model (NAME-<8 hex>.pth), checks that its sha256 starts with
+    those 8 digits (as torch.hub does) and raises RuntimeError otherwise; returns the digest, or None
+    for other names."""
+    m = PUBLISHED_NAME.search(Path(path).name)
+    if not m:
+        return None
+    digest = sha256_file(path)
+    if not digest.startswith(m.group(1)):
+        raise RuntimeError(f'{path}: the name marks a published file whose sha256 starts with {m.group(1)}, '
+                           f'but its sha256 is {digest[:8]}...: the file is corrupt or incomplete (download it '
+                           f'again); if it is not a published file, rename it')
+    return digest
+
+
+# Training state that is not a model weight, matched against any dotted component of a key of
+# ckpt['model']: MoCo's queue/queue_ptr, NPID's memory bank and NCE constant, ODC's bank, labels and
+# centroids. scripts/publish_model.py drops these; scripts/count_parameters.py lists them apart.
+STATE_KEY = re.compile(r'(^|\.)(queue\w*|\w*bank\w*|memory\w*|centroids?|labels|nce_z)(\.|$)')
+BN_STAT_KEY = re.compile(r'\.(running_mean|running_var|num_batches_tracked)$')

@@ -18,6 +18,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -200,3 +201,48 @@ def train_loader(data, transform, global_batch, rank, world, seed, workers, devi
     loader = torch.utils.data.DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
                                          drop_last=True, **loader_kwargs(workers, device))
     return dataset, sampler, loader
+
+
+# ---------------------------------------------------------------- labelled subsets (semi-supervised)
+
+def balanced_subset(samples, fraction, seed=0):
+    """Sorted indices of a class-balanced `fraction` of labelled `samples`: from each class,
+    max(1, round(fraction * n_class)) images drawn without replacement by a generator seeded with
+    (seed, label), so the subset depends only on the folder's content, the fraction and the seed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f'fraction must be in (0, 1], got {fraction}')
+    by_class = {}
+    for i, (_, label) in enumerate(samples):
+        if label < 0:
+            raise ValueError('a labelled subset needs labelled images (class folders)')
+        by_class.setdefault(label, []).append(i)
+    out = []
+    for label, idx in sorted(by_class.items()):
+        n = max(1, round(fraction * len(idx)))
+        out += [idx[j] for j in np.random.default_rng([seed, label]).choice(len(idx), n, replace=False)]
+    return sorted(out)
+
+
+def read_split_file(path, samples, root):
+    """Indices of the images a split file lists, in the file's order. One image per line, either
+    `class/file [label]` relative to `root` (our lists, OSS's train_labeled_*.txt) or a bare file name
+    `<class>_<id>.JPEG` whose class is the part before '_' (SimCLR's 1%/10% ImageNet lists).
+    Raises ValueError naming the entries that are not in `samples`."""
+    index = {os.path.relpath(p, root).replace(os.sep, '/'): i for i, (p, _) in enumerate(samples)}
+    out, missing = [], []
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0].startswith('#'):
+            continue
+        rel = parts[0] if '/' in parts[0] else f'{parts[0].split("_")[0]}/{parts[0]}'
+        if rel in index:
+            out.append(index[rel])
+        else:
+            missing.append(rel)
+    if missing:
+        raise ValueError(f'{path}: {len(missing)} listed images are not in {root}, e.g. {missing[:5]}')
+    if len(set(out)) != len(out):
+        raise ValueError(f'{path}: lists some images more than once')
+    if not out:
+        raise ValueError(f'{path}: no images listed')
+    return out

@@ -158,3 +158,52 @@ def infer_resnet_config(state_dict):
     else:
         raise ValueError(f'ResNet with blocks {blocks} (bottleneck={bottleneck}) matches no known arch')
     return dict(arch=arch, width=w.shape[0], cifar_stem=w.shape[-1] == 3, in_channels=w.shape[1])
+
+
+# ---------------------------------------------------------------- DeepCluster's Sobel front end
+
+class Sobel(nn.Module):
+    """Fixed Sobel front end (DeepCluster, arXiv:1807.05520 §4; deepcluster models/alexnet.py; OSS
+    models/utils/sobel.py): a 1x1 conv averaging R, G, B (weights 1/3), then 3x3 Sobel-x / Sobel-y
+    filters (padding 1). Nx3xHxW -> Nx2xHxW, applied to the normalised image.
+
+    The filters are non-persistent buffers: they get no gradient, are not in the state dict (a
+    Sobel backbone's state dict is that of a 2-channel ResNet) and move with .to(device).
+    """
+
+    def __init__(self):
+        super().__init__()
+        gx = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])  # d/dx, responds to vertical edges
+        self.register_buffer('gray', torch.full((1, 3, 1, 1), 1 / 3), persistent=False)
+        self.register_buffer('filters', torch.stack([gx, gx.T]).unsqueeze(1), persistent=False)  # 2x1x3x3
+
+    def forward(self, x):
+        x = nn.functional.conv2d(x, self.gray.to(x.dtype))  # Nx1xHxW grayscale
+        return nn.functional.conv2d(x, self.filters.to(x.dtype), padding=1)  # Nx2xHxW
+
+
+class SobelResNet(ResNet):
+    """ResNet with in_channels=2 behind the fixed Sobel front end: takes RGB like any backbone here,
+    and has exactly the state dict of the 2-channel ResNet (the front end holds no state)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.conv1.in_channels != 2:
+            raise ValueError('SobelResNet needs in_channels=2')
+        self.sobel = Sobel()
+
+    def forward_stages(self, x):
+        return super().forward_stages(self.sobel(x))
+
+    def pooled(self, x):
+        return super().pooled(self.sobel(x))
+
+
+def build_resnet_sobel(arch='resnet50', num_classes=0, width=64, cifar_stem=False, bn_splits=1,
+                       init='fan_in', zero_init_residual=False):
+    """build_resnet(..., in_channels=2) behind the Sobel front end (DeepCluster; OSS with_sobel=True)."""
+    if arch not in ARCHS:
+        raise ValueError(f'--arch {arch!r} is not supported; choose one of {", ".join(ARCHS)}')
+    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    block, layers = ARCHS[arch]
+    return SobelResNet(block, layers, num_classes, width, cifar_stem, 2, norm, init, zero_init_residual)

@@ -10,7 +10,8 @@ its class with weight exp(sim / T), T = 0.07. See common/knn.py.
   torchrun --nproc_per_node=8 eval/knn.py --pretrained output/moco/backbone.pth /data/imagenet
   python eval/knn.py --pretrained output/moco_demo/backbone.pth data/cifar10_sample
 
---pretrained takes the same checkpoints as eval/lincls.py. Results and protocol go to
+--pretrained takes the same checkpoints as eval/lincls.py (a 2-channel conv1 runs behind DeepCluster's
+Sobel front end). Results and protocol go to
 <pretrained>.knn.json.
 """
 import argparse
@@ -24,9 +25,9 @@ import torch  # noqa: E402
 
 from common import augment, checkpoint, dist  # noqa: E402
 from common.data import build_dataset, has_split  # noqa: E402
+from common.features import load_eval_backbone  # noqa: E402
 from common.knn import knn_eval  # noqa: E402
 from common.log import Logger  # noqa: E402
-from common.resnet import infer_resnet_config  # noqa: E402
 
 
 def get_parser():
@@ -61,8 +62,7 @@ def main(argv=None):
 
     # ============ backbone ============
     try:
-        model, sd, _ = checkpoint.load_backbone(pretrained, weights_only=not args.unsafe_load)
-        cfg = infer_resnet_config(sd)
+        model, _, cfg, _ = load_eval_backbone(pretrained, weights_only=not args.unsafe_load)  # Sobel front end included
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f'--pretrained {pretrained}: {e}') from None
     model = model.to(device).eval()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Linear classification on a frozen backbone: the MoCo protocol (methods.md §1.5, §9.1 "last").
+"""Linear classification on a frozen backbone: the MoCo protocol (methods.md §1.5, §9.1 "last"), or
+with --layers the multi-head protocol of Goyal et al. 2019 (methods.md §9.1 "multi-head").
 
 He et al., arXiv:1911.05722 §4.1; reference code facebookresearch/moco main_lincls.py. A fresh fc
 on the global-average-pooled layer4 feature is trained with SGD (lr 30, wd 0, 100 epochs, x0.1 at
@@ -10,8 +11,17 @@ on the global-average-pooled layer4 feature is trained with SGD (lr 30, wd 0, 10
   python eval/lincls.py --pretrained output/moco_demo/backbone.pth data/cifar10_sample   # 32-px recipe
 
 --pretrained takes any training checkpoint of this repo, its backbone.pth, a facebookresearch/moco
-checkpoint or a torchvision ResNet state dict; arch, width and stem are read off the weights. The
-result (top-1/top-5 on val, last and best epoch) and the protocol go to <pretrained>.lincls.json.
+checkpoint or a torchvision ResNet state dict; arch, width and stem are read off the weights (a
+2-channel conv1 runs behind DeepCluster's fixed Sobel front end). The result (top-1/top-5 on val,
+last and best epoch) and the protocol go to <pretrained>.lincls.json.
+
+Multi-head mode (OSS benchmarks/linear_classification/imagenet/r50_multihead.py), all heads in one pass:
+  python eval/lincls.py --pretrained CKPT /data/imagenet --layers feat1 feat2 feat3 feat4 feat5
+Each layer of the frozen backbone (eval mode) is average-pooled with the benchmark's fixed kernels
+(~9k dims at 224 px; common/features.py) into its own BN(affine=False, train mode) + Linear head; the
+losses are summed. --layers switches the defaults to that protocol (MULTIHEAD below; explicit flags
+still win) and the train augmentation to RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4) +
+lighting. Result: top-1/top-5 per layer.
 
 Deviations from main_lincls.py:
   * --lr is per 256 images and scaled linearly with the global batch (the same at batch 256);
@@ -35,9 +45,13 @@ import torchvision.transforms as T  # noqa: E402
 from common import augment, checkpoint, dist, optim  # noqa: E402
 from common.data import EpochSampler, build_dataset, has_split, loader_kwargs  # noqa: E402
 from common.log import Logger, Meter, peak_memory_mb, progress  # noqa: E402
-from common.resnet import build_resnet, infer_resnet_config  # noqa: E402
+from common.features import (STAGE, StagePool, build_backbone, feature_dims, layer_name, sobel_flag,  # noqa: E402
+                             stage_channels)
+from common.resnet import infer_resnet_config  # noqa: E402
 
 CKPT_NAME = 'lincls_checkpoint.pth'
+# defaults of the multi-head protocol (OSS r50_multihead.py), applied when --layers is given
+MULTIHEAD = dict(epochs=90, lr=0.01, schedule=[30, 60, 90], wd=1e-4, nesterov=True)
 
 # ============ arguments ============
 
@@ -59,6 +73,12 @@ def get_parser():
     g.add_argument('--schedule', type=int, nargs='*', default=[60, 80], help='x0.1 at these epochs')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--wd', type=float, default=0.0, help='weight decay')
+    g.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=False, help='Nesterov momentum')
+    g = p.add_argument_group('multi-head mode (Goyal et al. 2019; OSS r50_multihead.py)')
+    g.add_argument('--layers', type=layer_name, nargs='+', default=None,
+                   help='one BN(affine=False) + linear head per layer on its fixed-pooled features: feat1..feat5 '
+                        '(aliases stem, layer1..layer4) and/or avgpool; sets the defaults to ' +
+                        ', '.join(f'{k}={v}' for k, v in MULTIHEAD.items()))
     g = p.add_argument_group('data and speed')
     g.add_argument('--crop-size', type=int, default=None,
                    help='crop size; None = 32 for a CIFAR-stem backbone, else 224. Below 64 the 32-px '
@@ -78,6 +98,13 @@ def get_parser():
     return p
 
 
+def parse_args(argv=None):
+    p = get_parser()
+    if p.parse_known_args(argv)[0].layers:
+        p.set_defaults(**MULTIHEAD)
+    return p.parse_args(argv)
+
+
 # ============ backbone loading and checks ============
 
 
@@ -85,8 +112,11 @@ def backbone_weights(path, weights_only=True):
     """(backbone state dict with torchvision names and no fc, its ResNet config) from any checkpoint
     common.checkpoint.backbone_state_dict understands. SystemExit naming the problem otherwise."""
     try:
-        sd = checkpoint.backbone_state_dict(checkpoint.load(path, weights_only=weights_only))
-        return sd, infer_resnet_config(sd)
+        ckpt = checkpoint.load(path, weights_only=weights_only)
+        sd = checkpoint.backbone_state_dict(ckpt)
+        cfg = infer_resnet_config(sd)
+        sobel_flag(cfg, ckpt.get('args') if isinstance(ckpt, dict) else None)  # args and conv1 must agree
+        return sd, cfg
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f'--pretrained {path}: {e}') from None
 
@@ -96,8 +126,9 @@ def build_linear_model(sd, cfg, num_classes):
 
     Loads with strict=False and then insists that exactly fc.weight/fc.bias are missing and nothing
     is unexpected, as main_lincls.py does: a renamed or partial backbone must not train silently.
+    A 2-channel backbone comes behind the Sobel front end (common.resnet.SobelResNet).
     """
-    model = build_resnet(cfg['arch'], num_classes, cfg['width'], cfg['cifar_stem'], cfg['in_channels'])
+    model = build_backbone(cfg, num_classes)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
@@ -120,6 +151,49 @@ def check_backbone_unchanged(model, ref):
                            f'{changed[:10]}')
 
 
+class MultiHeadLinear(nn.Module):
+    """Frozen backbone -> fixed pooling of each chosen layer -> per layer BN2d(affine=False) over the
+    pooled map's channels + Linear (OSS MultiClsHead). forward(x) -> HxNxC logits, one row per head.
+    The heads live in `fc` (so checkpoints save core.fc as in the single-head mode); train() keeps
+    the backbone in eval mode, so only the heads' BN statistics move."""
+
+    def __init__(self, backbone, layers, num_classes, input_size):
+        super().__init__()
+        self.backbone, self.layers, self.feat_dim = backbone, list(layers), backbone.feat_dim
+        self.pool = StagePool(self.layers, input_size)
+        self.dims, ch = feature_dims(backbone, self.layers, input_size), stage_channels(backbone)
+        self.fc = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(ch[STAGE[n]], affine=False, momentum=0.1), nn.Flatten(),
+                                              nn.Linear(self.dims[n], num_classes)) for n in self.layers)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():  # frozen: no graph through the backbone
+            maps = self.pool(self.backbone.forward_stages(x))
+        return torch.stack([head(m) for head, m in zip(self.fc, maps)])  # HxNxC
+
+
+def build_multihead_model(sd, cfg, num_classes, layers, input_size):
+    """MultiHeadLinear on the backbone loaded strictly from `sd` (no fc), heads N(0, 0.01), bias 0."""
+    backbone = build_backbone(cfg)
+    try:
+        backbone.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SystemExit(f'backbone does not match {cfg}: {" ".join(str(e).split())[:500]}') from None
+    try:
+        model = MultiHeadLinear(backbone, layers, num_classes, input_size)
+    except ValueError as e:
+        raise SystemExit(f'--layers: {e}') from None
+    for m in model.fc.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def train_transform(size):
     """Linear-eval training augmentation: RandomResizedCrop + flip (main_lincls.py); for 32-px data
     the CIFAR recipe, a 4-px padded RandomCrop + flip (resized first so larger images work too)."""
@@ -138,7 +212,7 @@ def describe(tf):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.epochs < 1:
         raise SystemExit('--epochs must be at least 1')
     rank, world, device = dist.init_distributed(args.device)
@@ -171,7 +245,10 @@ def main(argv=None):
                          f'the number of processes ({world})')
     local_bs = args.batch_size // world
     crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
-    train_tf, val_tf = train_transform(crop), augment.eval_transform(crop)
+    multi = bool(args.layers)
+    heads = list(dict.fromkeys(args.layers)) if multi else ['fc']
+    train_tf = augment.goyal_linear(crop) if multi and crop >= 64 else train_transform(crop)
+    val_tf = augment.eval_transform(crop)
     if not has_split(args.data, 'val'):
         raise SystemExit(f'data: {args.data} needs train/<class>/ and val/<class>/ folders (ImageNet layout)')
     try:
@@ -193,27 +270,31 @@ def main(argv=None):
     iters = sampler.iters
 
     # ============ model ============
-    model = build_linear_model(sd, cfg, num_classes)
-    for name, p in model.named_parameters():  # freeze all but the classifier
-        p.requires_grad = name in ('fc.weight', 'fc.bias')
-    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(model.fc.bias)
+    if multi:
+        model = build_multihead_model(sd, cfg, num_classes, heads, crop)
+    else:
+        model = build_linear_model(sd, cfg, num_classes)
+    for name, p in model.named_parameters():  # freeze all but the classifier(s)
+        p.requires_grad = name.startswith('fc.') and name.endswith(('weight', 'bias'))
+    if not multi:
+        nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(model.fc.bias)
     params = [p for p in model.parameters() if p.requires_grad]
-    if len(params) != 2:
-        raise SystemExit(f'expected 2 trainable tensors (fc.weight, fc.bias), found {len(params)}')
+    if len(params) != 2 * len(heads):
+        raise SystemExit(f'expected {2 * len(heads)} trainable tensors (weight and bias of each fc), found {len(params)}')
     model = model.to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     core = model
-    if world > 1:  # only fc has gradients; BN statistics are frozen, so no buffer broadcast
+    if world > 1:  # only fc has gradients; BN statistics are frozen (multi-head: per process, rank 0's saved)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
                                                     broadcast_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
-    optimizer = torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.wd, nesterov=args.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch, best, last = 0, None, None
+    start_epoch, best, last = 0, {}, {}  # per head: {epoch, top1, top5}
     if state:
         core.fc.load_state_dict(state['fc'])
         optimizer.load_state_dict(state['optimizer'])
@@ -223,14 +304,19 @@ def main(argv=None):
         del state
 
     protocol = dict(
-        protocol='MoCo linear classification (main_lincls.py)', pretrained=str(pretrained),
+        protocol='multi-head linear classification (Goyal et al. 2019; OSS r50_multihead.py)' if multi else
+        'MoCo linear classification (main_lincls.py)', pretrained=str(pretrained),
         arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'], in_channels=cfg['in_channels'],
         feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=len(train_set),
         val_images=len(val_set), epochs=args.epochs, lr=args.lr, effective_lr=lr, batch_size=args.batch_size,
-        world_size=world, momentum=args.momentum, wd=args.wd, schedule=args.schedule, gamma=0.1,
-        lr_schedule='step, per epoch', crop_size=crop, train_aug=describe(train_tf), val_aug=describe(val_tf),
-        bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
+        world_size=world, momentum=args.momentum, nesterov=args.nesterov, wd=args.wd, schedule=args.schedule,
+        gamma=0.1, lr_schedule='step, per epoch', crop_size=crop, train_aug=describe(train_tf),
+        val_aug=describe(val_tf), bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
         fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed)
+    if multi:
+        protocol.update(layers=heads, feat_dims=core.dims, pooling='fixed avg-pool kernels, common/features.py',
+                        bn='backbone frozen in eval mode; each head BatchNorm2d(affine=False, momentum 0.1) in train mode',
+                        trainable='weight and bias of one Linear per layer', loss='sum of the heads\' cross-entropies')
     log.print('protocol: ' + json.dumps(protocol, indent=1))
     log.record(type='lincls_protocol', **protocol)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256; {len(train_set)} training images, '
@@ -244,14 +330,16 @@ def main(argv=None):
         t0 = time.perf_counter()
         train_loss, train_acc = train_one_epoch(loader, model, optimizer, scaler, epoch, iters, lr, args,
                                                 device, amp, log)
-        top1, top5, val_loss = validate(val_loader, core, device, amp)
-        last = dict(epoch=epoch, top1=top1, top5=top5)
-        if best is None or top1 > best['top1']:
-            best = dict(last)
-        log.print(f'epoch {epoch}: val top-1 {top1:.2f}  top-5 {top5:.2f}  loss {val_loss:.4f}  '
-                  f'(best top-1 {best["top1"]:.2f} at epoch {best["epoch"]})')
+        top1, top5, val_loss = validate(val_loader, core, device, amp, len(heads))  # one entry per head
+        for i, h in enumerate(heads):
+            last[h] = dict(epoch=epoch, top1=top1[i], top5=top5[i])
+            best[h] = best[h] if h in best and best[h]['top1'] >= top1[i] else dict(last[h])
+            log.print(f'epoch {epoch}: {"" if h == "fc" else h + " "}val top-1 {top1[i]:.2f}  top-5 {top5[i]:.2f}  '
+                      f'loss {val_loss[i]:.4f}  (best top-1 {best[h]["top1"]:.2f} at epoch {best[h]["epoch"]})')
+        vals = {k: dict(zip(heads, v)) if multi else v[0] for k, v in
+                dict(val_top1=top1, val_top5=top5, val_loss=val_loss).items()}
         log.record(step=(epoch + 1) * iters, type='lincls', epoch=epoch, train_loss=train_loss,
-                   train_acc=train_acc, val_top1=top1, val_top5=top5, val_loss=val_loss,
+                   train_acc=train_acc, **vals,
                    lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, milestones=args.schedule),
                    epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
         if dist.is_main():
@@ -262,16 +350,26 @@ def main(argv=None):
 
     # ============ sanity check and result ============
     try:
-        check_backbone_unchanged(core, sd)
+        check_backbone_unchanged(core.backbone if multi else core, sd)
     except RuntimeError as e:
         raise SystemExit(f'sanity check failed: {e}') from None
     log.print('sanity check passed: backbone weights and BN statistics unchanged')
+    if multi:
+        result = dict(pretrained=str(pretrained), layers={h: dict(top1=last[h]['top1'], top5=last[h]['top5'])
+                                                           for h in heads}, last=last, best=best)
+        log.print(f'{"layer":>8} {"dims":>6} {"top-1":>7} {"top-5":>7} {"best top-1 (epoch)":>20}')
+        for h in heads:
+            log.print(f'{h:>8} {core.dims[h]:>6} {last[h]["top1"]:>7.2f} {last[h]["top5"]:>7.2f} '
+                      f'{best[h]["top1"]:>12.2f} ({best[h]["epoch"]})')
+    else:
+        last, best = last['fc'], best['fc']
+        result = dict(pretrained=str(pretrained), top1=last['top1'], top5=last['top5'], last=last, best=best)
+        log.print(f'linear classification: top-1 {last["top1"]:.2f}  top-5 {last["top5"]:.2f} after epoch '
+                  f'{last["epoch"]} (best top-1 {best["top1"]:.2f} at epoch {best["epoch"]})')
     if dist.is_main():
-        result = dict(pretrained=str(pretrained), top1=last['top1'], top5=last['top5'], last=last, best=best,
-                      protocol=protocol, lincls_checkpoint=str(out_dir / CKPT_NAME), git=git)
+        result.update(protocol=protocol, lincls_checkpoint=str(out_dir / CKPT_NAME), git=git)
         result_path.write_text(json.dumps(result, indent=1) + '\n')
-    log.print(f'linear classification: top-1 {last["top1"]:.2f}  top-5 {last["top5"]:.2f} after epoch '
-              f'{last["epoch"]} (best top-1 {best["top1"]:.2f} at epoch {best["epoch"]}); written to {result_path}')
+    log.print(f'written to {result_path}')
     log.close()
     dist.cleanup()
 
@@ -280,7 +378,9 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
     """One epoch; returns (mean loss, top-1 accuracy in %) on this process's training batches."""
     meters = [Meter('Time', ':.3f'), Meter('Data', ':.3f'), Meter('Loss', ':.4e'), Meter('Acc@1', ':.2f')]
     batch_time, data_time, losses, top1 = meters
-    model.eval()  # the whole network, BN included: the backbone is a fixed feature extractor (§1.5)
+    # the whole network, BN included, in eval mode: the backbone is a fixed feature extractor (§1.5);
+    # a MultiHeadLinear keeps its backbone in eval mode itself and trains its heads' BN statistics
+    model.train(isinstance(getattr(model, 'module', model), MultiHeadLinear))
     fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -293,8 +393,12 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
         with torch.autocast(**amp):
-            output = model(images)  # NxC
-        loss = F.cross_entropy(output.float(), target)
+            output = model(images)  # NxC, or HxNxC for H heads
+        if output.dim() == 3:  # multi-head: the heads' losses are summed (OSS MultiClsHead); acc of the last
+            loss = sum(F.cross_entropy(o.float(), target) for o in output)
+            output = output[-1]
+        else:
+            loss = F.cross_entropy(output.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -315,26 +419,28 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
 
 
 @torch.no_grad()
-def validate(loader, model, device, amp):
-    """(top-1 %, top-5 %, mean loss) over the whole val set. `loader` holds this process's strided share;
-    the counts are summed over processes. Call with the bare model, not DDP: shares may differ by one
-    batch, and DDP forwards are collective."""
+def validate(loader, model, device, amp, n_heads=1):
+    """([top-1 %], [top-5 %], [mean loss]) over the whole val set, one entry per head (one for a single
+    fc). `loader` holds this process's strided share; the counts are summed over processes. Call with
+    the bare model, not DDP: shares may differ by one batch, and DDP forwards are collective."""
     model.eval()
     fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    stats = torch.zeros(n_heads, 4, dtype=torch.float64, device=device)  # per head: correct@1, correct@5, loss sum, count
     for images, target, _ in loader:
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
         with torch.autocast(**amp):
-            output = model(images).float()  # NxC
-        hit = output.topk(min(5, output.shape[1]), dim=1).indices == target.view(-1, 1)  # Nx5
-        stats[0] += hit[:, 0].sum()
-        stats[1] += hit.any(1).sum()
-        stats[2] += F.cross_entropy(output, target, reduction='sum')
-        stats[3] += target.shape[0]
+            output = model(images).float()  # NxC or HxNxC
+        output = output if output.dim() == 3 else output.unsqueeze(0)
+        hit = output.topk(min(5, output.shape[2]), dim=2).indices == target.view(1, -1, 1)  # HxNx5
+        stats[:, 0] += hit[:, :, 0].sum(1)
+        stats[:, 1] += hit.any(2).sum(1)
+        stats[:, 2] += torch.stack([F.cross_entropy(o, target, reduction='sum') for o in output])
+        stats[:, 3] += target.shape[0]
     dist.all_reduce_sum(stats)
-    c1, c5, loss, n = stats.tolist()
-    return 100.0 * c1 / n, 100.0 * c5 / n, loss / n
+    c1, c5, loss, n = stats.T.tolist()
+    return ([100.0 * a / m for a, m in zip(c1, n)], [100.0 * a / m for a, m in zip(c5, n)],
+            [a / m for a, m in zip(loss, n)])
 
 
 if __name__ == '__main__':

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Semi-supervised evaluation: fine-tune the whole network on a labelled 1% / 10% of the training
+set (methods.md §9.3; OSS benchmarks/semi_classification/imagenet_{1,10}percent).
+
+  python eval/semi.py --pretrained CKPT /data/imagenet --split-file splits/1percent.txt
+  python eval/semi.py --pretrained CKPT /data/imagenet --fraction 0.1 --lr 0.01 --head-lr-mult 10
+  torchrun --nproc_per_node=4 eval/semi.py --pretrained CKPT /data/imagenet --split-file 1percent.txt --grid
+
+Protocol (OSS): the pre-trained backbone plus a new fc (N(0, 0.01), bias 0) are fine-tuned
+together, BN in train mode (SyncBN under torchrun on GPUs); RandomResizedCrop + flip (32-px data:
+padded RandomCrop + flip); SGD momentum 0.9, batch 256, 20 epochs, LR x0.2 at epochs 12 and 16;
+weight decay 5e-4 for 1% and 1e-4 for 10% (default: 5e-4 below 5% labelled, else 1e-4); the fc
+learns at --lr x --head-lr-mult. The protocol reports the best of the grid lr in {0.001, 0.01, 0.1}
+x head multiplier in {1, 10, 100}: --grid runs those 9 fine-tunings one after the other and prints
+the table. Top-1/top-5 on the full val split after the last epoch.
+
+Labelled subset: --split-file takes our lists (scripts/make_splits.py: `class/file` per line,
+also OSS's `class/file label`) or SimCLR's ImageNet lists (`n01440764_10026.JPEG` per line, class
+= the part before '_'); --fraction draws a class-balanced subset on the fly (common.data.balanced_subset,
+as make_splits.py). --lr is per 256 images and scaled linearly with the global batch.
+Results go to <output-dir>/semi.json (grid: one folder per setting and grid.json).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/semi.py` finds common/
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import augment, checkpoint, dist, optim  # noqa: E402
+from common.data import (EpochSampler, balanced_subset, build_dataset, has_split, loader_kwargs,  # noqa: E402
+                         read_split_file)
+from common.log import Logger, TrainMeter  # noqa: E402
+from eval.lincls import backbone_weights, build_linear_model, describe, train_transform, validate  # noqa: E402
+
+CKPT_NAME = 'semi_checkpoint.pth'
+GRID_LR, GRID_HEAD = (0.001, 0.01, 0.1), (1.0, 10.0, 100.0)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description='Semi-supervised fine-tuning on a labelled fraction (OSS protocol)',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', help='ImageNet-layout root with train/<class>/ and val/<class>/ folders')
+    p.add_argument('--pretrained', required=True,
+                   help='selfsup checkpoint, backbone.pth, facebookresearch/moco checkpoint or torchvision state dict')
+    p.add_argument('--unsafe-load', action='store_true', help='torch.load with weights_only=False (trusted files only)')
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument('--split-file', help='labelled images: our/OSS list (class/file) or SimCLR list (file per line)')
+    g.add_argument('--fraction', type=float, help='labelled fraction drawn class-balanced on the fly, e.g. 0.01')
+    p.add_argument('--split-seed', type=int, default=0, help='seed of the --fraction draw')
+    g = p.add_argument_group('optimisation (OSS semi_classification defaults)')
+    g.add_argument('--epochs', type=int, default=20)
+    g.add_argument('-b', '--batch-size', type=int, default=256, help='GLOBAL batch over all processes')
+    g.add_argument('--lr', type=float, default=0.01, help='backbone LR for a global batch of 256; scaled linearly')
+    g.add_argument('--head-lr-mult', type=float, default=1.0, help='the new fc learns at lr x this')
+    g.add_argument('--schedule', type=int, nargs='*', default=[12, 16], help='LR x --gamma at these epochs')
+    g.add_argument('--gamma', type=float, default=0.2, help='LR decay factor')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--wd', type=float, default=None, help='weight decay; None = 5e-4 below 5%% labelled, else 1e-4')
+    g.add_argument('--grid', action='store_true', help='run every --grid-lr x --grid-head-lr-mult and print the table')
+    g.add_argument('--grid-lr', type=float, nargs='+', default=list(GRID_LR))
+    g.add_argument('--grid-head-lr-mult', type=float, nargs='+', default=list(GRID_HEAD))
+    g = p.add_argument_group('data, speed, output')
+    g.add_argument('--crop-size', type=int, default=None, help='None = 32 for a CIFAR-stem backbone, else 224')
+    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
+    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
+    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    g.add_argument('--seed', type=int, default=0, help='seed of fc init, shuffling and augmentation')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
+    g.add_argument('--output-dir', default=None, help='None = semi_<split>/ beside --pretrained')
+    g.add_argument('--resume', default='', help=f"{CKPT_NAME} to continue, or 'auto' for output-dir/{CKPT_NAME}")
+    g.add_argument('--print-freq', type=int, default=10)
+    return p
+
+
+class KeyedSubset(torch.utils.data.Dataset):
+    """The images `indices` of `dataset`, passing EpochSampler's (index, epoch) keys through, so each
+    image's augmentation stays seeded by its own index (torch's Subset takes plain indices only)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, None)
+        return self.dataset[(self.indices[i], epoch) if epoch is not None else self.indices[i]]
+
+
+def default_wd(fraction):
+    """OSS: 5e-4 for the 1% subset, 1e-4 for 10%; the line is drawn at 5% labelled."""
+    return 5e-4 if fraction < 0.05 else 1e-4
+
+
+def labelled_indices(args, train_set, root):
+    """(indices of the labelled training images, description of where they come from)."""
+    if args.split_file:
+        return read_split_file(args.split_file, train_set.samples, root), f'split file {args.split_file}'
+    return (balanced_subset(train_set.samples, args.fraction, args.split_seed),
+            f'class-balanced {args.fraction:g} (seed {args.split_seed})')
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    _, world, device = dist.init_distributed(args.device)
+    pretrained = Path(args.pretrained).resolve()
+    tag = Path(args.split_file).stem if args.split_file else f'{args.fraction * 100:g}percent'
+    out = Path(args.output_dir) if args.output_dir else pretrained.parent / f'semi_{tag}'
+    if not args.grid:
+        run(args, out, world, device)
+    else:
+        results = {}
+        for lr in args.grid_lr:
+            for mult in args.grid_head_lr_mult:
+                a = argparse.Namespace(**{**vars(args), 'lr': lr, 'head_lr_mult': mult})
+                results[(lr, mult)] = run(a, out / f'lr{lr:g}_head{mult:g}', world, device)
+        report_grid(results, args, out)
+    dist.cleanup()
+
+
+def report_grid(results, args, out):
+    """Prints the lr x head-multiplier table of top-1 and writes grid.json (rank 0)."""
+    log = Logger()
+    best = max(results, key=lambda k: results[k]['top1'])
+    log.print(f'top-1 (top-5) after {args.epochs} epochs; rows: lr, columns: head LR multiplier')
+    log.print(f'{"lr":>8} ' + ' '.join(f'{"x" + format(m, "g"):>16}' for m in args.grid_head_lr_mult))
+    for lr in args.grid_lr:
+        cells = [f'{results[(lr, m)]["top1"]:6.2f} ({results[(lr, m)]["top5"]:6.2f})' + ('*' if (lr, m) == best else ' ')
+                 for m in args.grid_head_lr_mult]
+        log.print(f'{lr:>8g} ' + ' '.join(f'{c:>16}' for c in cells))
+    log.print(f'best: lr {best[0]:g}, head x{best[1]:g}: top-1 {results[best]["top1"]:.2f}')
+    if dist.is_main():
+        grid = [dict(lr=k[0], head_lr_mult=k[1], top1=r['top1'], top5=r['top5']) for k, r in results.items()]
+        (out / 'grid.json').write_text(json.dumps(dict(grid=grid, best=dict(lr=best[0], head_lr_mult=best[1],
+                                                                            **results[best])), indent=1) + '\n')
+
+
+def run(args, out, world, device):
+    """One fine-tuning; returns {'top1', 'top5'} (and writes out/semi.json on rank 0)."""
+    rank = dist.get_rank()
+    dist.seed_all(args.seed, args.deterministic)
+    sd, cfg = backbone_weights(args.pretrained, weights_only=not args.unsafe_load)
+    log = Logger(out, filename='semi_log.jsonl')
+    git = checkpoint.git_commit()
+    log.print(f'git {git}  world size {world}  device {device}  output {out}')
+    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+
+    # ============ data ============
+    if args.batch_size % world:
+        raise SystemExit(f'--batch-size {args.batch_size} must be divisible by the number of processes ({world})')
+    crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
+    train_tf, val_tf = train_transform(crop), augment.eval_transform(crop)
+    if not has_split(args.data, 'val'):
+        raise SystemExit(f'data: {args.data} needs train/<class>/ and val/<class>/ folders (ImageNet layout)')
+    try:
+        train_all = build_dataset(args.data, train_tf, 'train', seed=args.seed)
+        val_set = build_dataset(args.data, val_tf, 'val')
+        idx, source = labelled_indices(args, train_all, Path(args.data) / 'train')
+        train_set = KeyedSubset(train_all, idx)
+        sampler = EpochSampler(len(train_set), args.batch_size, rank, world, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'data: {e}') from None
+    if not train_all.classes or train_all.classes != val_set.classes:
+        raise SystemExit('data: train and val must have the same class folders')
+    frac = len(idx) / len(train_all)
+    wd = args.wd if args.wd is not None else default_wd(frac)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
+                                         drop_last=True, **loader_kwargs(args.workers, device))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
+                                             batch_size=args.batch_size // world, shuffle=False,
+                                             **loader_kwargs(args.workers, device))
+
+    # ============ model, optimizer, resume ============
+    model = build_linear_model(sd, cfg, len(train_all.classes))  # backbone loaded, fc fresh
+    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    if world > 1 and device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    core = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    lr = optim.scaled_lr(args.lr, args.batch_size)
+    head = [p for n, p in core.named_parameters() if n.startswith('fc.')]
+    body = [p for n, p in core.named_parameters() if not n.startswith('fc.')]
+    optimizer = torch.optim.SGD([dict(params=body, lr_mult=1.0), dict(params=head, lr_mult=args.head_lr_mult)],
+                                lr, momentum=args.momentum, weight_decay=wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    start_epoch = 0
+    ckpt_path = out / CKPT_NAME if args.resume == 'auto' else Path(args.resume) if args.resume else None
+    if ckpt_path and (args.resume != 'auto' or ckpt_path.is_file()):
+        try:
+            state = checkpoint.load(ckpt_path)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(f'--resume: {e}') from None
+        core.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch = state['epoch']
+        log.print(f'resumed from {ckpt_path} after epoch {start_epoch - 1}')
+
+    protocol = dict(protocol='semi-supervised fine-tuning (OSS semi_classification)', pretrained=str(args.pretrained),
+                    arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'], sobel=cfg['in_channels'] == 2,
+                    labelled=source, labelled_images=len(idx), train_images=len(train_all), fraction=frac,
+                    val_images=len(val_set), num_classes=len(train_all.classes), epochs=args.epochs, lr=args.lr,
+                    effective_lr=lr, head_lr_mult=args.head_lr_mult, batch_size=args.batch_size, momentum=args.momentum,
+                    wd=wd, schedule=args.schedule, gamma=args.gamma, crop_size=crop, train_aug=describe(train_tf),
+                    val_aug=describe(val_tf), bn='train mode' + (', SyncBN' if world > 1 and device.type == 'cuda' else ''),
+                    fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed, world_size=world)
+    log.record(type='semi_protocol', **protocol)
+    log.print(f'{len(idx)} labelled images ({100 * frac:.2f}% of {len(train_all)}, {source}), {sampler.iters} '
+              f'iterations/epoch, effective LR {lr:g} (fc x{args.head_lr_mult:g}), wd {wd:g}')
+
+    # ============ fine-tuning ============
+    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
+               enabled=args.amp != 'off')
+    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        meter = TrainMeter(log, epoch, sampler.iters, args.batch_size, device, args.print_freq)
+        for it, (images, target, _) in enumerate(loader):
+            meter.data_ready()
+            step_lr = optim.lr_at(lr, epoch, it, sampler.iters, args.epochs, milestones=args.schedule, gamma=args.gamma)
+            optim.set_lr(optimizer, step_lr)
+            images = images.to(device, non_blocking=True, memory_format=fmt)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(**amp):
+                output = model(images)  # NxC
+            loss = F.cross_entropy(output.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            meter.step(it, step_lr, loss=loss, acc=(output.argmax(1) == target).float().mean() * 100)
+        meter.epoch_end()
+        if dist.is_main():
+            checkpoint.save_atomic(dict(model=core.state_dict(), optimizer=optimizer.state_dict(),
+                                        scaler=scaler.state_dict(), epoch=epoch + 1, args=vars(args), git=git),
+                                   out / CKPT_NAME)
+
+    # ============ evaluation ============
+    t0 = time.perf_counter()
+    top1, top5, val_loss = (v[0] for v in validate(val_loader, core, device, amp))
+    log.print(f'semi-supervised (lr {args.lr:g}, head x{args.head_lr_mult:g}): top-1 {top1:.2f}  '
+              f'top-5 {top5:.2f}  val loss {val_loss:.4f}')
+    log.record(type='semi', top1=top1, top5=top5, val_loss=val_loss, val_time=time.perf_counter() - t0)
+    if dist.is_main():
+        (out / 'semi.json').write_text(json.dumps(dict(pretrained=str(args.pretrained), top1=top1, top5=top5,
+                                                       protocol=protocol, git=git), indent=1) + '\n')
+    log.close()
+    return dict(top1=top1, top5=top5)
+
+
+if __name__ == '__main__':
+    main()
