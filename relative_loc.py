@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Relative patch location (context prediction).
+
+Doersch et al., "Unsupervised Visual Representation Learning by Context Prediction", ICCV 2015
+(arXiv:1505.05192). Reference code: OpenSelfSup (configs/selfsup/relative_loc/r50.py, the ResNet-50
+recipe used by default here; the paper's AlexNet recipe differs, see methods.md §8). Spec: methods.md §8.
+
+  python relative_loc.py                                # demo: shipped CIFAR-10 sample, CPU, ~10 min
+  python relative_loc.py /data/imagenet                 # OpenSelfSup recipe on 1 process
+  torchrun --nproc_per_node=8 relative_loc.py /data/imagenet      # OpenSelfSup recipe, 8 GPUs
+
+Each image is resized, randomly cropped to a square split into a 3x3 grid and turned grey with
+p=0.66 (OpenSelfSup's replacement for the paper's colour projection/dropping); from every cell a randomly placed smaller patch is cut (the jitter leaves random gaps
+between patches). Each of the 8 outer patches is paired with the centre patch, channels
+[neighbour, centre] (6 channels), labelled 0..7 in row-major order of the neighbour's cell
+(the centre skipped). A shared backbone encodes both patches, the two layer4 maps are concatenated
+on channels and average-pooled, and a neck (fc-BN-ReLU-Dropout) + linear head predicts the label.
+
+Geometry, from one size --crop-size (the side of the grid crop; OpenSelfSup: 255):
+  cell = round(crop/3), patch = round(cell * 64/85), resize = round(3 cell * 292/255)
+  --crop-size 255: resize 292 -> crop 255 -> cells 85 -> patches 64 (jitter 21, gaps 0-42 px)
+  --crop-size 32:  resize 38  -> crop 33  -> cells 11 -> patches 8  (jitter 3,  gaps 0-6 px)
+The proportions (patch/cell 0.75, resize/crop 1.15) are OpenSelfSup's; a 32x32 CIFAR image is
+upsampled to 38 px first, just as ImageNet images are resized to 292.
+
+Batch and LR: --batch-size counts *images* (global, over all processes); each gives 8 pairs, i.e.
+16 patches through the backbone. --lr is per 256 images, scaled linearly with the global batch.
+OpenSelfSup trains 64 images x 8 pairs x 8 GPUs = 512 images (4096 pairs) at LR 0.2, which is
+--lr 0.1 per 256 images (= 0.0125 per 256 pairs); those are the defaults.
+
+Deviations from OpenSelfSup (see README):
+  * --lr is per 256 images and scaled linearly (OpenSelfSup: absolute LR for its batch of 512);
+  * neck width (--neck-dim, default 4096 as OpenSelfSup) and geometry (--crop-size) are flags;
+  * the kNN monitor (--knn-every) scores the backbone on whole images, not patches;
+  * one process computes BN statistics over its whole batch (OpenSelfSup: per GPU, 512 pairs).
+"""
+import argparse
+import copy
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+from common import augment, checkpoint, dist, optim
+from common.data import SAMPLE_DATA, train_loader
+from common.knn import KnnMonitor
+from common.log import TrainMeter, start_run
+from common.resnet import build_resnet
+
+# ============ arguments ============
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description='Relative patch location pre-training',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', nargs='?', default=None,
+                   help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
+                        'omit to run the demo on the shipped CIFAR-10 sample')
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default='resnet50', help='resnet10|18|34|50|101|152 (torchvision names)')
+    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
+    g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    g.add_argument('--neck-dim', type=int, default=4096, help='width of the neck fc-BN-ReLU-Dropout')
+    g = p.add_argument_group('optimisation (OpenSelfSup relative_loc/r50.py)')
+    g.add_argument('--epochs', type=int, default=70)
+    g.add_argument('-b', '--batch-size', type=int, default=512,
+                   help='GLOBAL batch of *images* over all processes (each process takes batch/world); '
+                        'each image gives 8 patch pairs')
+    g.add_argument('--lr', type=float, default=0.1, help='LR for a global batch of 256 images (2048 pairs); '
+                   'scaled linearly')
+    g.add_argument('--schedule', type=int, nargs='*', default=[30, 50], help='x0.1 at these epochs')
+    g.add_argument('--warmup-epochs', type=float, default=5, help='linear warm-up, per iteration')
+    g.add_argument('--warmup-ratio', type=float, default=0.1, help='warm-up starts at this fraction of the LR')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--wd', type=float, default=1e-4, help='weight decay of the backbone')
+    g.add_argument('--neck-wd', type=float, default=5e-4, help='weight decay of neck and head')
+    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
+                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
+                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable; override --neck-wd')
+    g = p.add_argument_group('data and speed')
+    g.add_argument('--crop-size', type=int, default=255,
+                   help='side of the square split into 3x3 cells; sets the whole patch geometry (see the '
+                        'docstring; 32 for CIFAR)')
+    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
+    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
+    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
+    g = p.add_argument_group('checkpoints and logging')
+    g.add_argument('--output-dir', default='output/relative_loc')
+    g.add_argument('--resume', default='', help="checkpoint path, or 'auto' for output-dir/checkpoint_last.pth")
+    g.add_argument('--save-freq', type=int, default=10, help='keep checkpoint_EEEE.pth every N epochs')
+    g.add_argument('--save-iters', type=int, default=0, help='also checkpoint every N iterations (0 = epoch ends only)')
+    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after N steps in all; for smoke tests/benchmarks')
+    g.add_argument('--print-freq', type=int, default=10)
+    g.add_argument('--knn-every', type=int, default=0, help='weighted-kNN monitor every N epochs on the val split '
+                   '(whole images, at --crop-size below 64 px, else 224; 0 = off)')
+    g.add_argument('--knn-k', type=int, default=200)
+    g.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
+    return p
+
+
+# demo: the OpenSelfSup recipe shortened to ~10 CPU-minutes on the 5,000-image sample (8-px patches)
+DEMO = dict(data=str(SAMPLE_DATA), arch='resnet10', width=32, cifar_stem=True, crop_size=32, neck_dim=512,
+            batch_size=128, lr=0.1, epochs=30, schedule=[20, 25], warmup_epochs=2, workers=2, knn_every=10,
+            save_freq=10, output_dir='output/relative_loc_demo', seed=0)
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.data is None:  # demo defaults, still overridable by explicit flags
+        p.set_defaults(**DEMO)
+    return p.parse_args(argv)
+
+
+# ============ patch pairs (the data side of the pretext task) ============
+
+NEIGHBOURS = [0, 1, 2, 3, 5, 6, 7, 8]  # grid cells (row-major) of labels 0..7; cell 4 is the centre
+
+
+def geometry(crop_size):
+    """(resize, grid, cell, patch) in OpenSelfSup's proportions (292 -> 255 = 3 x 85 -> 64)."""
+    cell = round(crop_size / 3)
+    patch = round(cell * 64 / 85)
+    return round(3 * cell * 292 / 255), 3 * cell, cell, patch
+
+
+def grid_patches(img, cell, patch):
+    """The 9 patches (row-major) of a PIL image of at least 3 cell x 3 cell px: from each cell a
+    patch x patch crop at a random offset in [0, cell - patch] per axis (torch RNG)."""
+    out = []
+    for r in range(3):
+        for c in range(3):
+            dy, dx = torch.randint(0, cell - patch + 1, (2,)).tolist()
+            top, left = r * cell + dy, c * cell + dx
+            out.append(img.crop((left, top, left + patch, top + patch)))
+    return out
+
+
+class PatchPairs:
+    """PIL image -> 8x6xPxP tensor: pair k = [neighbour NEIGHBOURS[k], centre] on channels.
+
+    OpenSelfSup relative_loc: Resize -> RandomCrop(grid) -> RandomGrayscale(0.66) on the whole image,
+    3x3 grid, jittered patch per cell, ToTensor + Normalize per patch.
+    """
+
+    def __init__(self, crop_size=255, gray_p=0.66):
+        self.resize, self.grid, self.cell, self.patch = geometry(crop_size)
+        if self.patch < 1 or self.cell - self.patch < 1:
+            raise ValueError(f'--crop-size {crop_size} is too small for 3x3 cells with jittered patches '
+                             f'(cell {self.cell}, patch {self.patch}); use at least 8')
+        self.image = T.Compose([T.Resize(self.resize), T.RandomCrop(self.grid), T.RandomGrayscale(gray_p)])
+        self.to_tensor = T.Compose([T.ToTensor(), augment.normalize])
+
+    def __call__(self, img):
+        p = [self.to_tensor(x) for x in grid_patches(self.image(img), self.cell, self.patch)]
+        return torch.stack([torch.cat([p[i], p[4]]) for i in NEIGHBOURS])  # 8x6xPxP
+
+    def __repr__(self):
+        return (f'PatchPairs(resize {self.resize}, crop {self.grid}, cells {self.cell}, patches {self.patch}, '
+                f'{self.image.transforms[2]})')
+
+
+# ============ model ============
+
+
+class RelativeLoc(nn.Module):
+    """Shared backbone on both patches of a pair, late fusion, neck, 8-way head (OpenSelfSup RelativeLoc).
+
+    backbone: a ResNet with forward_stages() and feat_dim (common.resnet). forward(pairs) takes
+    Nx8x6xPxP [neighbour, centre] pairs as PatchPairs makes them and returns (logits 8Nx8, labels 8N).
+    """
+
+    def __init__(self, backbone, neck_dim=4096, num_classes=8):
+        super().__init__()
+        self.backbone = backbone
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.neck = nn.Sequential(nn.Linear(2 * backbone.feat_dim, neck_dim),
+                                  nn.BatchNorm1d(neck_dim, momentum=0.003),
+                                  nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.head = nn.Linear(neck_dim, num_classes)
+        nn.init.normal_(self.neck[0].weight, 0, 0.005)  # OSS 'normal' neck init: N(0, 0.005), bias 0.1
+        nn.init.constant_(self.neck[0].bias, 0.1)
+        nn.init.normal_(self.head.weight, 0, 0.005)     # OSS head: N(0, 0.005), bias 0
+        nn.init.zeros_(self.head.bias)
+
+    def layer4(self, x):
+        fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
+        return self.backbone.forward_stages(x.contiguous(memory_format=fmt))[-1]
+
+    def forward(self, pairs):
+        n, k = pairs.shape[:2]
+        x = pairs.flatten(0, 1)                                         # 8Nx6xPxP, image-major
+        # two passes (as OpenSelfSup): neighbours and centres each get their own BN batch statistics
+        f = torch.cat([self.layer4(x[:, :3]), self.layer4(x[:, 3:])], dim=1)  # 8Nx2Cxhxw
+        logits = self.head(self.neck(torch.flatten(self.avgpool(f), 1)))    # 8Nx8
+        labels = torch.arange(k, device=pairs.device).repeat(n)             # 0..7, 0..7, ...
+        return logits, labels
+
+
+# ============ training ============
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = dist.init_distributed(args.device)
+    ckpt_path, ckpt = checkpoint.open_resume(args)
+    dist.seed_all(args.seed, args.deterministic)
+    log, git = start_run(args, world, device)
+
+    # ============ data ============
+    local_bs = args.batch_size // world
+    try:
+        pairs = PatchPairs(args.crop_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    train_set, sampler, loader = train_loader(args.data, pairs, args.batch_size, rank, world, args.seed,
+                                              args.workers, device)
+    iters = sampler.iters
+    log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
+              f'images = {8 * args.batch_size} pairs ({local_bs} images per process); {pairs}')
+
+    # ============ model ============
+    backbone = build_resnet(args.arch, 0, args.width, args.cifar_stem)
+    model = RelativeLoc(backbone, args.neck_dim).to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+
+    # ============ optimizer / resume ============
+    lr = optim.scaled_lr(args.lr, args.batch_size)
+    log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256 (per image, not per pair)')
+    rules = [(r'^(neck|head)\.', {'weight_decay': args.neck_wd})] + args.param_group  # OSS paramwise_options
+    groups = optim.param_groups(core, rules, log.print)
+    optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    start_epoch, start_iter, knn_random = 0, 0, None
+    if ckpt:
+        start_epoch, start_iter = checkpoint.restore(ckpt, ckpt_path, core, optimizer, scaler, log)
+        knn_random = ckpt.get('knn_random')
+        del ckpt
+
+    def save(epoch, it, keep=False):
+        state = checkpoint.training_state(core, 'backbone.', optimizer, scaler, epoch, it, args, git,
+                                          knn_random=knn_random)
+        if dist.is_main():
+            checkpoint.save_training(state, args.output_dir, epoch, keep)
+
+    knn = None
+    if args.knn_every:  # whole images, as eval/knn.py sees them
+        knn = KnnMonitor(args.data, args.crop_size if args.crop_size < 64 else 224, args.knn_k, args.workers,
+                         device)
+        if knn_random is None:
+            knn_random = knn(copy.deepcopy(core.backbone))  # the same network at initialisation
+            log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
+
+    # ============ training loop ============
+    rec = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        stopped = train_one_epoch(loader, model, optimizer, scaler, epoch, start_iter, iters, lr, args, device,
+                                  log, save)
+        start_iter = 0
+        if stopped:
+            break
+        rec = {}
+        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            rec = dict(knn_top1=knn(core.backbone), knn_random=knn_random)
+            log.print(f'epoch {epoch}: kNN top-1 {rec["knn_top1"]:.2f} (random init {knn_random:.2f})')
+            log.record(type='knn', epoch=epoch, **rec)
+        save(epoch + 1, 0, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+
+    # ============ save the backbone ============
+    if dist.is_main():
+        checkpoint.save_backbone(core.backbone, os.path.join(args.output_dir, 'backbone.pth'))
+        log.print(f'backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
+        if knn and rec:
+            log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
+                      f'random init {knn_random:.2f}')
+    log.close()
+    dist.cleanup()
+    return core
+
+
+def train_one_epoch(loader, model, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device, log,
+                    save):
+    """One epoch from `start_iter`; returns True when --max-steps was reached."""
+    model.train()
+    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
+               enabled=args.amp != 'off')
+    for it, (pairs, _, _) in enumerate(loader, start=start_iter):
+        meter.data_ready()
+        lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, False, args.schedule,
+                         warmup_epochs=args.warmup_epochs, warmup_ratio=args.warmup_ratio)
+        optim.set_lr(optimizer, lr)
+        pairs = pairs.to(device, non_blocking=True)  # Nx8x6xPxP
+        with torch.autocast(**amp):
+            logits, labels = model(pairs)             # 8Nx8, 8N
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        acc = (logits.detach().argmax(1) == labels).float().mean() * 100  # position classified right
+        meter.step(it, lr, loss=loss, acc=acc)
+        step = epoch * iters + it + 1
+        if args.save_iters and step % args.save_iters == 0 and it + 1 < iters:
+            save(epoch, it + 1)
+        if args.max_steps and step >= args.max_steps:
+            if it + 1 < iters:
+                save(epoch, it + 1)
+            else:
+                save(epoch + 1, 0)
+            log.print(f'--max-steps {args.max_steps} reached')
+            return True
+    meter.epoch_end()
+    return False
+
+
+if __name__ == '__main__':
+    main()
