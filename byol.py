@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import math
-import os
 from collections import OrderedDict
 
 import torch
@@ -46,8 +45,8 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.knn import KnnMonitor
 from common.log import TrainMeter, start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
 from common.resnet import build_resnet
 
 WARMUP_RATIO = 1e-4  # OSS r50_bs256_ep200: linear warm-up starts at 1e-4 x LR
@@ -61,9 +60,7 @@ def get_parser():
                    help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
                         'omit to run the demo on the shipped CIFAR-10 sample')
     g = p.add_argument_group('model')
-    g.add_argument('--arch', default='resnet50', help='resnet10|18|34|50|101|152 (torchvision names)')
-    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
-    g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    add_backbone_args(g)
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=None,
                    help='SyncBatchNorm over all processes (the paper\'s cross-replica BN); None = on with '
                         'several CUDA processes')
@@ -85,25 +82,10 @@ def get_parser():
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum, lars_exclude), after the BN/bias '
                    'exclusions; repeatable')
-    g = p.add_argument_group('data and speed')
+    g = add_run_args(p, 'output/byol')
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--blur', action=argparse.BooleanOptionalAction, default=None,
                    help='Gaussian blur in the views; None = on from 64 px crops')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
-    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
-    g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
-    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
-    g = p.add_argument_group('checkpoints and logging')
-    g.add_argument('--output-dir', default='output/byol')
-    g.add_argument('--resume', default='', help="checkpoint path, or 'auto' for output-dir/checkpoint_last.pth")
-    g.add_argument('--save-freq', type=int, default=10, help='keep checkpoint_EEEE.pth every N epochs')
-    g.add_argument('--save-iters', type=int, default=0, help='also checkpoint every N optimizer steps (0 = epoch ends only)')
-    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after N optimizer steps in all')
-    g.add_argument('--print-freq', type=int, default=10, help='log every N optimizer steps')
-    g.add_argument('--knn-every', type=int, default=0, help='weighted-kNN monitor every N epochs on the val split (0 = off)')
-    g.add_argument('--knn-k', type=int, default=200)
-    g.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
     return p
 
 
@@ -236,55 +218,23 @@ def main(argv=None):
     groups = optim.param_groups(core, optim.LARS_EXCLUDE_RULES + args.param_group, log.print)
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch, start_iter, knn_random = 0, 0, None
-    if ckpt:
-        start_epoch, start_iter = checkpoint.restore(ckpt, ckpt_path, core, optimizer, scaler, log)
-        knn_random = ckpt.get('knn_random')
-        del ckpt
-
-    def save(epoch, it, keep=False):
-        state = checkpoint.training_state(core, 'online.backbone.', optimizer, scaler, epoch, it, args, git,
-                                          knn_random=knn_random)
-        if dist.is_main():
-            checkpoint.save_training(state, args.output_dir, epoch, keep)
-
-    knn = None
-    if args.knn_every:
-        knn = KnnMonitor(args.data, args.crop_size, args.knn_k, args.workers, device)
-        if knn_random is None:
-            knn_random = knn(copy.deepcopy(core.online.backbone))  # the same network at initialisation
-            log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
+    run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    del ckpt
 
     # ============ training loop ============
-    rec = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter)
-        stopped = train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, lr,
-                                  args, device, log, save)
-        start_iter = 0
-        if stopped:
-            break
-        rec = {}
-        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            rec = dict(knn_top1=knn(core.online.backbone), knn_random=knn_random)
-            log.print(f'epoch {epoch}: kNN top-1 {rec["knn_top1"]:.2f} (random init {knn_random:.2f})')
-            log.record(type='knn', epoch=epoch, **rec)
-        save(epoch + 1, 0, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
-
-    # ============ save the backbone ============
-    if dist.is_main():
-        checkpoint.save_backbone(core.online.backbone, os.path.join(args.output_dir, 'backbone.pth'))
-        log.print(f'online backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
-        if knn and rec:
-            log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
-                      f'random init {knn_random:.2f}')
-    log.close()
-    dist.cleanup()
+    for epoch in range(run.start_epoch, args.epochs):
+        sampler.set_epoch(epoch, run.start_iter)
+        if train_one_epoch(loader, model, core, optimizer, scaler, epoch, run.start_iter, iters, lr, args,
+                           device, log, run):
+            break  # --max-steps
+        run.start_iter = 0
+        run.epoch_end(epoch)
+    run.finish()
     return core
 
 
 def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device,
-                    log, save):
+                    log, run):
     """One epoch of `iters` batches from batch `start_iter` (a multiple of --accum-steps); every
     --accum-steps batches make one optimizer step, and the LR schedule, tau and --max-steps,
     --save-iters, --print-freq count those steps. Returns True when --max-steps was reached."""
@@ -293,9 +243,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
     steps = iters // accum  # optimizer steps per epoch
     total = args.epochs * steps  # K of the tau schedule
     meter = TrainMeter(log, epoch, steps, args.batch_size * accum, device, args.print_freq)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
-               enabled=args.amp != 'off')
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    fmt = memory_format(device)
     loss_sum = 0.0
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         if it % accum == 0:
@@ -305,7 +253,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         last = (it + 1) % accum == 0
         sync = model.no_sync() if not last and model is not core else contextlib.nullcontext()
         with sync:  # DDP all-reduces the gradients of a window's last batch only
-            with torch.autocast(**amp):
+            with autocast(args, device):
                 loss = model(x1, x2)
             scaler.scale(loss / accum).backward()  # mean over the effective batch
         loss_sum = loss_sum + loss.detach()
@@ -322,15 +270,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         core.update_target(tau)  # after the optimizer step (OSS hook order)
         meter.step(it // accum, lr, loss=loss_sum / accum, tau=tau, emb_std=core.emb_std)
         loss_sum = 0.0
-        done = k + 1  # optimizer steps in all
-        if args.save_iters and done % args.save_iters == 0 and it + 1 < iters:
-            save(epoch, it + 1)
-        if args.max_steps and done >= args.max_steps:
-            if it + 1 < iters:
-                save(epoch, it + 1)
-            else:
-                save(epoch + 1, 0)
-            log.print(f'--max-steps {args.max_steps} reached')
+        if run.step_end(k + 1, epoch, it, iters):  # counts optimizer steps, saves at batch it + 1
             return True
     meter.epoch_end()
     return False

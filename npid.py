@@ -26,8 +26,6 @@ Deviations from lemniscate.pytorch (all as OpenSelfSup, see methods.md §10):
     as OSS's gathered BxKxD rows, in less memory whenever N < K*128, e.g. on ImageNet).
 """
 import argparse
-import copy
-import os
 
 import torch
 import torch.nn as nn
@@ -35,8 +33,9 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.knn import KnnMonitor, extract_features, knn_predict
+from common.knn import extract_features, knn_predict
 from common.log import TrainMeter, start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -48,9 +47,7 @@ def get_parser():
                    help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
                         'omit to run the demo on the shipped CIFAR-10 sample')
     g = p.add_argument_group('model')
-    g.add_argument('--arch', default='resnet50', help='resnet10|18|34|50|101|152 (torchvision names)')
-    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
-    g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    add_backbone_args(g)
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
                    help='under DDP on GPUs: backbone BN statistics over the global batch (SyncBatchNorm)')
     g = p.add_argument_group('NPID')
@@ -74,24 +71,8 @@ def get_parser():
     g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
-    g = p.add_argument_group('data and speed')
+    g = add_run_args(p, 'output/npid')
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
-    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision (the bank stays fp32)')
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
-    g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
-    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
-    g = p.add_argument_group('checkpoints and logging')
-    g.add_argument('--output-dir', default='output/npid')
-    g.add_argument('--resume', default='', help="checkpoint path, or 'auto' for output-dir/checkpoint_last.pth")
-    g.add_argument('--save-freq', type=int, default=10, help='keep checkpoint_EEEE.pth every N epochs')
-    g.add_argument('--save-iters', type=int, default=0, help='also checkpoint every N iterations (0 = epoch ends only)')
-    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after N steps in all; for smoke tests/benchmarks')
-    g.add_argument('--print-freq', type=int, default=10)
-    g.add_argument('--knn-every', type=int, default=0, help='every N epochs: weighted kNN of the val split against '
-                   'the memory bank (lemniscate test.py) and against backbone features (0 = off)')
-    g.add_argument('--knn-k', type=int, default=200)
-    g.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
     return p
 
 
@@ -249,67 +230,35 @@ def main(argv=None):
     groups = optim.param_groups(core, args.param_group, log.print)
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch, start_iter, knn_random = 0, 0, None
-    if ckpt:
-        start_epoch, start_iter = checkpoint.restore(ckpt, ckpt_path, core, optimizer, scaler, log)
-        knn_random = ckpt.get('knn_random')
-        del ckpt
-
-    def save(epoch, it, keep=False):
-        state = checkpoint.training_state(core, 'encoder.', optimizer, scaler, epoch, it, args, git,
-                                          knn_random=knn_random)
-        if dist.is_main():
-            checkpoint.save_training(state, args.output_dir, epoch, keep)
-
-    knn = None
     if args.knn_every:
-        knn = KnnMonitor(args.data, args.crop_size, args.knn_k, args.workers, device)
         bank_labels = torch.tensor(train_set.targets, device=device)
         if (bank_labels < 0).any():
             raise SystemExit('--knn-every needs labelled training images (class folders); drop --knn-every')
-        if knn_random is None:
-            knn_random = knn(copy.deepcopy(core.encoder))  # the same network at initialisation
-            log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
+    run = Run(args, core, 'encoder', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    del ckpt
 
     # ============ training loop ============
-    rec = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter)
-        stopped = train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, lr,
-                                  args, device, log, save)
-        start_iter = 0
-        if stopped:
-            break
-        rec = {}
-        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            rec = dict(knn_bank=bank_knn(core, knn.val_set, bank_labels, len(train_set.classes), args.knn_k,
-                                         args.workers, device),
-                       knn_top1=knn(core.encoder), knn_random=knn_random)
-            log.print(f'epoch {epoch}: kNN top-1 {rec["knn_top1"]:.2f} (random init {knn_random:.2f}), '
-                      f'against the memory bank {rec["knn_bank"]:.2f}')
-            log.record(type='knn', epoch=epoch, **rec)
-        save(epoch + 1, 0, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
-
-    # ============ save the backbone ============
-    if dist.is_main():
-        checkpoint.save_backbone(core.encoder, os.path.join(args.output_dir, 'backbone.pth'))
-        log.print(f'backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
-        if knn and rec:
-            log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
-                      f'random init {knn_random:.2f}  (memory bank: {rec["knn_bank"]:.2f})')
-    log.close()
-    dist.cleanup()
+    for epoch in range(run.start_epoch, args.epochs):
+        sampler.set_epoch(epoch, run.start_iter)
+        if train_one_epoch(loader, model, core, optimizer, scaler, epoch, run.start_iter, iters, lr, args,
+                           device, log, run):
+            break  # --max-steps
+        run.start_iter = 0
+        bank = {}
+        if run.knn_due(epoch):  # the original's test: val features against the memory bank
+            bank['knn_bank'] = bank_knn(core, run.knn.val_set, bank_labels, len(train_set.classes), args.knn_k,
+                                        args.workers, device)
+        run.epoch_end(epoch, **bank)
+    run.finish()
     return core
 
 
 def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device,
-                    log, save):
+                    log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
     meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
-               enabled=args.amp != 'off')
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    fmt = memory_format(device)
     for it, (images, _, idx) in enumerate(loader, start=start_iter):
         meter.data_ready()
         lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, args.cos, args.schedule,
@@ -317,7 +266,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         optim.set_lr(optimizer, lr)
         images = images.to(device, non_blocking=True, memory_format=fmt)
         idx = idx.to(device, non_blocking=True)
-        with torch.autocast(**amp):
+        with autocast(args, device):
             loss, dots = model(images, idx)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -325,15 +274,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         scaler.update()
         acc = (dots.detach().argmax(1) == 0).float().mean() * 100  # own entry ranked first
         meter.step(it, lr, loss=loss, acc=acc)
-        step = epoch * iters + it + 1
-        if args.save_iters and step % args.save_iters == 0 and it + 1 < iters:
-            save(epoch, it + 1)
-        if args.max_steps and step >= args.max_steps:
-            if it + 1 < iters:
-                save(epoch, it + 1)
-            else:
-                save(epoch + 1, 0)
-            log.print(f'--max-steps {args.max_steps} reached')
+        if run.step_end(epoch * iters + it + 1, epoch, it, iters):
             return True
     meter.epoch_end()
     return False

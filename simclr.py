@@ -38,8 +38,6 @@ Deviations from google-research/simclr (all as OpenSelfSup, see README):
     10% of the side); blur off below 64 px, as the paper's CIFAR-10 setting.
 """
 import argparse
-import copy
-import os
 from collections import OrderedDict
 
 import torch
@@ -48,8 +46,8 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.knn import KnnMonitor
 from common.log import TrainMeter, start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -61,9 +59,7 @@ def get_parser():
                    help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
                         'omit to run the demo on the shipped CIFAR-10 sample')
     g = p.add_argument_group('model')
-    g.add_argument('--arch', default='resnet50', help='resnet10|18|34|50|101|152 (torchvision names)')
-    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
-    g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    add_backbone_args(g)
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=None,
                    help='SyncBatchNorm in backbone and head (needs CUDA and several processes); '
                         'None = on exactly then, else BN statistics are per process')
@@ -85,23 +81,8 @@ def get_parser():
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches REGEX '
                    '(keys lr_mult, weight_decay, momentum, lars_exclude); repeatable; applied after the '
                    'BN/bias exclusion rules')
-    g = p.add_argument_group('data and speed')
+    g = add_run_args(p, 'output/simclr')
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
-    g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
-    g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
-    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
-    g = p.add_argument_group('checkpoints and logging')
-    g.add_argument('--output-dir', default='output/simclr')
-    g.add_argument('--resume', default='', help="checkpoint path, or 'auto' for output-dir/checkpoint_last.pth")
-    g.add_argument('--save-freq', type=int, default=10, help='keep checkpoint_EEEE.pth every N epochs')
-    g.add_argument('--save-iters', type=int, default=0, help='also checkpoint every N iterations (0 = epoch ends only)')
-    g.add_argument('--max-steps', type=int, default=0, help='stop (with a checkpoint) after N steps in all; for smoke tests/benchmarks')
-    g.add_argument('--print-freq', type=int, default=10)
-    g.add_argument('--knn-every', type=int, default=0, help='weighted-kNN monitor every N epochs on the val split (0 = off)')
-    g.add_argument('--knn-k', type=int, default=200)
-    g.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
     return p
 
 
@@ -232,68 +213,34 @@ def main(argv=None):
     groups = optim.param_groups(core, optim.LARS_EXCLUDE_RULES + args.param_group, log.print)
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd, eta=args.eta)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch, start_iter, knn_random = 0, 0, None
-    if ckpt:
-        start_epoch, start_iter = checkpoint.restore(ckpt, ckpt_path, core, optimizer, scaler, log)
-        knn_random = ckpt.get('knn_random')
-        del ckpt
-
-    def save(epoch, it, keep=False):
-        state = checkpoint.training_state(core, 'backbone.', optimizer, scaler, epoch, it, args, git,
-                                          knn_random=knn_random)
-        if dist.is_main():
-            checkpoint.save_training(state, args.output_dir, epoch, keep)
-
-    knn = None
-    if args.knn_every:
-        knn = KnnMonitor(args.data, args.crop_size, args.knn_k, args.workers, device)
-        if knn_random is None:
-            knn_random = knn(copy.deepcopy(core.backbone))  # the same network at initialisation
-            log.print(f'kNN top-1 of the randomly initialised backbone: {knn_random:.2f}')
+    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    del ckpt
 
     # ============ training loop ============
-    rec = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter)
-        stopped = train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, lr,
-                                  args, device, log, save)
-        start_iter = 0
-        if stopped:
-            break
-        rec = {}
-        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            rec = dict(knn_top1=knn(core.backbone), knn_random=knn_random)
-            log.print(f'epoch {epoch}: kNN top-1 {rec["knn_top1"]:.2f} (random init {knn_random:.2f})')
-            log.record(type='knn', epoch=epoch, **rec)
-        save(epoch + 1, 0, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
-
-    # ============ save the backbone ============
-    if dist.is_main():
-        checkpoint.save_backbone(core.backbone, os.path.join(args.output_dir, 'backbone.pth'))
-        log.print(f'backbone (torchvision names, no fc) saved to {args.output_dir}/backbone.pth')
-        if knn and rec:
-            log.print(f'weighted kNN top-1 (k={args.knn_k}): trained {rec["knn_top1"]:.2f}  '
-                      f'random init {knn_random:.2f}')
-    log.close()
-    dist.cleanup()
+    for epoch in range(run.start_epoch, args.epochs):
+        sampler.set_epoch(epoch, run.start_iter)
+        if train_one_epoch(loader, model, core, optimizer, scaler, epoch, run.start_iter, iters, lr, args,
+                           device, log, run):
+            break  # --max-steps
+        run.start_iter = 0
+        run.epoch_end(epoch)
+    run.finish()
     return core
 
 
 def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, iters, base_lr, args, device,
-                    log, save):
+                    log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
     meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
-               enabled=args.amp != 'off')
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    fmt = memory_format(device)
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()
         lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, cos=True, warmup_epochs=args.warmup_epochs,
                          warmup_ratio=args.warmup_ratio)
         optim.set_lr(optimizer, lr)
         x = interleave(images).to(device, non_blocking=True, memory_format=fmt)  # 2n views
-        with torch.autocast(**amp):
+        with autocast(args, device):
             logits, labels = model(x)
         loss = F.cross_entropy(logits.float(), labels)  # = nt_xent: mean over this process's 2n anchors
         optimizer.zero_grad(set_to_none=True)
@@ -302,15 +249,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
         scaler.update()
         acc = (logits.detach().argmax(1) == labels).float().mean() * 100  # partner ranked first of 2N-1
         meter.step(it, lr, loss=loss, acc=acc, emb_std=core.emb_std)
-        step = epoch * iters + it + 1
-        if args.save_iters and step % args.save_iters == 0 and it + 1 < iters:
-            save(epoch, it + 1)
-        if args.max_steps and step >= args.max_steps:
-            if it + 1 < iters:
-                save(epoch, it + 1)
-            else:
-                save(epoch + 1, 0)
-            log.print(f'--max-steps {args.max_steps} reached')
+        if run.step_end(epoch * iters + it + 1, epoch, it, iters):
             return True
     meter.epoch_end()
     return False

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from common import optim
 from common.log import Logger
+from common.run import Run
 from conftest import REPO, python, torchrun
 from byol import BYOL, byol_loss, parse_args, tau_at, train_one_epoch
 
@@ -34,9 +35,10 @@ def run_loop(model, batches, argv, saves=None):
     opt = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     loader = [(views, torch.zeros(len(views[0])), torch.arange(len(views[0]))) for views in batches]
-    save = (lambda e, i, keep=False: saves.append((e, i))) if saves is not None else None
+    run = Run(args, model, 'online.backbone', opt, scaler, None, None, 'test', Logger(), torch.device('cpu'))
+    run.save = lambda e, i, keep=False: (saves if saves is not None else []).append((e, i))  # record, write nothing
     train_one_epoch(loader, model, model, opt, scaler, 0, 0, len(batches), lr, args, torch.device('cpu'),
-                    Logger(), save)
+                    Logger(), run)
 
 
 def params(module):
