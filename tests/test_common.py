@@ -144,3 +144,30 @@ def test_gathers_are_noops_without_process_group():
     x = torch.randn(3, 2)
     assert dist.concat_all_gather(x) is x and dist.get_world_size() == 1
     assert dist.gather_objects(5) == [5]
+
+
+def test_lars_two_steps_by_hand():
+    """OpenSelfSup LARS: trust = eta |w| / (|g| + wd |w|), d = (g + wd w) lr trust, buf = m buf + d,
+    w -= buf; an excluded group (BN/bias) has trust 1 and wd 0; a zero weight gets trust 1."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))    # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    z = torch.nn.Parameter(torch.zeros(2))
+    opt = optim.LARS([dict(params=[w, z]), dict(params=[b], weight_decay=0.0, lars_exclude=True)],
+                     lr=2.0, momentum=0.9, weight_decay=0.1, eta=0.001)
+    for _ in range(2):
+        w.grad, b.grad, z.grad = torch.tensor([0.6, 0.8]), torch.tensor([0.5]), torch.tensor([1.0, -1.0])
+        opt.step()
+    # step 1: trust = 0.001*5/(1 + 0.5) = 1/300; d = ([0.6,0.8] + 0.1*[3,4]) * 2/300 = [0.006, 0.008]
+    w1 = [3 - 0.006, 4 - 0.008]
+    # step 2: |w1| = 4.99; trust = 0.00499/(1 + 0.499); buf = 0.9*d1 + d2
+    t2 = 0.001 * 4.99 / 1.499
+    d2 = [(0.6 + 0.1 * w1[0]) * 2 * t2, (0.8 + 0.1 * w1[1]) * 2 * t2]
+    expect = [w1[0] - (0.9 * 0.006 + d2[0]), w1[1] - (0.9 * 0.008 + d2[1])]
+    assert torch.allclose(w.detach(), torch.tensor(expect), atol=1e-7)
+    # excluded: d = 0.5*2 = 1 each step; b = 1 - 1 - (0.9 + 1) = -1.9
+    assert torch.allclose(b.detach(), torch.tensor([-1.9]), atol=1e-6)
+    # zero weight: trust 1 on step 1 -> z = -2*[1,-1]; then |z| > 0 and LARS applies
+    z1 = torch.tensor([-2.0, 2.0])
+    t = 0.001 * z1.norm() / (2 ** 0.5 + 0.1 * z1.norm())
+    d = (torch.tensor([1.0, -1.0]) + 0.1 * z1) * 2 * t
+    assert torch.allclose(z.detach(), z1 - (0.9 * torch.tensor([2.0, -2.0]) + d), atol=1e-6)
