@@ -82,7 +82,7 @@ def get_parser():
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum, lars_exclude), after the BN/bias '
                    'exclusions; repeatable')
-    g = add_run_args(p, 'output/byol')
+    g = add_run_args(p, 'output/byol', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--blur', action=argparse.BooleanOptionalAction, default=None,
                    help='Gaussian blur in the views; None = on from 64 px crops')
@@ -190,7 +190,7 @@ def main(argv=None):
     blur = args.crop_size >= 64 if args.blur is None else args.blur  # no blur on 32-px data
     views = augment.MultiView(augment.byol(args.crop_size, 1, blur), augment.byol(args.crop_size, 2, blur))
     train_set, sampler, loader = train_loader(args.data, views, args.batch_size, rank, world, args.seed,
-                                              args.workers, device)
+                                              args.workers, device, args.device_aug)
     if sampler.iters < accum:
         raise SystemExit(f'--accum-steps {accum} needs {accum} batches per epoch; the data gives {sampler.iters}')
     sampler.iters -= sampler.iters % accum  # whole accumulation windows per epoch (drop_last for windows)

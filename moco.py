@@ -64,7 +64,7 @@ def get_parser():
     g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
-    g = add_run_args(p, 'output/moco')
+    g = add_run_args(p, 'output/moco', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p
 
@@ -168,7 +168,7 @@ def main(argv=None):
     else:
         aug = augment.moco_v1(args.crop_size)
     train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
-                                              world, args.seed, args.workers, device)
+                                              world, args.seed, args.workers, device, args.device_aug)
     if args.moco_k > len(train_set):
         raise SystemExit(f'--moco-k {args.moco_k} is larger than the dataset ({len(train_set)} images); '
                          f'use at most {len(train_set) // args.batch_size * args.batch_size}')

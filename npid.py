@@ -71,7 +71,7 @@ def get_parser():
     g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
-    g = add_run_args(p, 'output/npid')
+    g = add_run_args(p, 'output/npid', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p
 
@@ -199,7 +199,7 @@ def main(argv=None):
     # ============ data ============
     local_bs = args.batch_size // world
     train_set, sampler, loader = train_loader(args.data, augment.moco_v1(args.crop_size), args.batch_size, rank,
-                                              world, args.seed, args.workers, device)
+                                              world, args.seed, args.workers, device, args.device_aug)
     n = len(train_set)
     if args.npid_k < 1 or (args.ensure_neg and n < 2):
         raise SystemExit(f'--npid-k {args.npid_k}: need at least 1 negative (and 2 images with --ensure-neg)')

@@ -64,7 +64,7 @@ def get_parser():
     g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
                    'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
-    g = add_run_args(p, 'output/rotation')
+    g = add_run_args(p, 'output/rotation', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p
 
@@ -137,7 +137,7 @@ def main(argv=None):
     # ============ data ============
     local_bs = args.batch_size // world
     train_set, sampler, loader = train_loader(args.data, rotation_augmentation(args.crop_size), args.batch_size,
-                                              rank, world, args.seed, args.workers, device)
+                                              rank, world, args.seed, args.workers, device, args.device_aug)
     iters = sampler.iters
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
               f'images = {4 * args.batch_size} rotated copies ({local_bs} images per process)')

@@ -81,7 +81,7 @@ def get_parser():
                    metavar='REGEX:key=value[,...]', help='options for parameters whose name matches REGEX '
                    '(keys lr_mult, weight_decay, momentum, lars_exclude); repeatable; applied after the '
                    'BN/bias exclusion rules')
-    g = add_run_args(p, 'output/simclr')
+    g = add_run_args(p, 'output/simclr', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p
 
@@ -188,7 +188,7 @@ def main(argv=None):
     blur = args.crop_size >= 64  # no blur on 32-px data (the paper's CIFAR-10 setting)
     aug = augment.simclr(args.crop_size, blur=blur)
     train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
-                                              world, args.seed, args.workers, device)
+                                              world, args.seed, args.workers, device, args.device_aug)
     iters = sampler.iters
     bn_batch = f'{2 * args.batch_size} views (SyncBN)' if sync_bn and world > 1 else f'{2 * local_bs} views per process'
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '

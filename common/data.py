@@ -187,12 +187,16 @@ def loader_kwargs(workers, device):
     return kw
 
 
-def train_loader(data, transform, global_batch, rank, world, seed, workers, device):
+def train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug='off'):
     """(dataset, EpochSampler, DataLoader) for pre-training, with one-line errors for bad input.
-    `global_batch` is split evenly over the `world` processes."""
+    `global_batch` is split evenly over the `world` processes. device_aug != 'off': the loader yields
+    the same structure, augmented on `device` by the batched equivalent of `transform` (see
+    device_train_loader)."""
     if global_batch % world:
         raise SystemExit(f'--batch-size {global_batch} is the global batch and must be divisible by the '
                          f'number of processes ({world})')
+    if device_aug != 'off':
+        return device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug)
     try:
         dataset = build_dataset(data, transform, seed=seed)
         sampler = EpochSampler(len(dataset), global_batch, rank, world, seed)
@@ -246,3 +250,148 @@ def read_split_file(path, samples, root):
     if not out:
         raise ValueError(f'{path}: no images listed')
     return out
+
+
+# ---------------------------------------------------------------- uint8 batches, augmented on the device
+
+def batch_seed(seed, epoch, it, rank):
+    """The augmentation seed of batch `it` of `epoch` on process `rank` (--device-aug)."""
+    return sample_seed(seed, epoch, (it << 16) + rank)
+
+
+def to_uint8(img):
+    """PIL RGB image -> 3xHxW uint8 tensor."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class Uint8Images(ImageDataset):
+    """(3xHxW uint8 tensor, label, index), decoded by PIL and not augmented; raw=True: the file's
+    bytes (1-D uint8) instead, for decoding on the device. Keys may be (index, epoch)."""
+
+    def __init__(self, samples, classes, raw=False):
+        super().__init__(samples, classes)
+        self.raw = raw
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        if self.raw:
+            data = torch.from_numpy(np.fromfile(self.samples[index][0], dtype=np.uint8))
+        else:
+            data = to_uint8(self.load(index))
+        return data, self.samples[index][1], index
+
+
+def collate_uint8(batch):
+    """(images, labels, indices): same-shaped images stacked into an NxCxHxW tensor, else a list."""
+    imgs, labels, idx = zip(*batch)
+    same = imgs[0].dim() == 3 and all(x.shape == imgs[0].shape for x in imgs)
+    return (torch.stack(imgs) if same else list(imgs)), torch.tensor(labels), torch.tensor(idx)
+
+
+def load_to_memory(dataset, workers, device):
+    """The whole `dataset` (Uint8Images) as one Nx3xHxW uint8 tensor on `device`, decoded once by
+    `workers` processes; every image must have the size of the first."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_uint8,
+                                         generator=torch.Generator())  # leaves the global RNG alone
+    out, size = [], None
+    for imgs, _, idx in loader:
+        for x, i in zip(imgs, idx.tolist()):
+            size = size or tuple(x.shape)
+            if tuple(x.shape) != size:
+                raise SystemExit(f'--device-aug memory needs images of one size: {dataset.samples[i][0]} is '
+                                 f'{x.shape[2]}x{x.shape[1]}, the first {size[2]}x{size[1]}; use --device-aug files')
+        out.append(imgs.to(device) if torch.is_tensor(imgs) else torch.stack(imgs).to(device))
+    return torch.cat(out)
+
+
+class DeviceAugLoader:
+    """Yields what the PIL DataLoader yields, (views, labels, indices) with views a list of
+    NxCxSxS batches for a MultiView recipe or one batch, augmented on `device` by `recipe`
+    (common.batch_aug) from uint8 images. The images come from `memory` (the whole set on the
+    device: an epoch is pure compute) or from `loader`, a DataLoader of Uint8Images batches (decoded
+    by workers, or JPEG bytes decoded on the device when `decode`). Batch `it` of epoch `e` on
+    process `rank` draws its parameters from a CPU generator seeded with (seed, e, it, rank), so a run
+    resumed at any iteration repeats its batches exactly, on any device; the draws depend on the
+    number of processes (the PIL path's do not)."""
+
+    def __init__(self, recipe, sampler, local_bs, device, seed, rank, loader=None, memory=None, labels=None,
+                 decode=False, paths=None):
+        self.recipe, self.sampler, self.bs, self.device = recipe, sampler, local_bs, device
+        self.seed, self.rank, self.loader, self.memory, self.labels = seed, rank, loader, memory, labels
+        self.decode, self.paths = decode, paths
+
+    def __len__(self):
+        return len(self.sampler) // self.bs
+
+    def _from_memory(self):
+        keys = [i for i, _ in self.sampler]
+        for b in range(len(keys) // self.bs):
+            idx = torch.tensor(keys[b * self.bs:(b + 1) * self.bs])
+            yield self.memory[(idx % len(self.memory)).to(self.device)], self.labels[idx], idx
+
+    def _decode(self, data, idx):
+        import torchvision.io as io
+        try:
+            return io.decode_jpeg(list(data), mode=io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            for d, i in zip(data, idx.tolist()):  # find the file to name
+                try:
+                    io.decode_jpeg(d, mode=io.ImageReadMode.RGB)
+                except RuntimeError as e:
+                    raise RuntimeError(f'cannot decode {self.paths[i]} as JPEG ({e}); --device-aug jpeg reads '
+                                       f'JPEG files only, use --device-aug files') from None
+            raise
+
+    def __iter__(self):
+        epoch, it = self.sampler.epoch, self.sampler.start_iter
+        for images, labels, idx in (self._from_memory() if self.memory is not None else self.loader):
+            if self.decode:
+                images = self._decode(images, idx)
+                if all(x.shape == images[0].shape for x in images):
+                    images = torch.stack(images)
+            elif torch.is_tensor(images):
+                images = images.to(self.device, non_blocking=True)
+            else:
+                images = [x.to(self.device, non_blocking=True) for x in images]
+            g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, it, self.rank))
+            yield self.recipe(images, g), labels, idx
+            it += 1
+
+
+def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode):
+    """train_loader's (dataset, EpochSampler, loader) for --device-aug `mode`: 'memory' (decode the
+    whole set once into a uint8 tensor on the device; images of one size, e.g. CIFAR), 'files'
+    (workers decode each batch with PIL, the device augments; any sizes, the crop reads the original
+    image) or 'jpeg' (workers only read the files, torchvision.io.decode_jpeg decodes on the device).
+    `transform` is the PIL pipeline, reproduced by common.batch_aug.from_transform. `synthetic:SIZE`
+    data is a fixed pool of 64 random uint8 images on the device in every mode."""
+    from .batch_aug import from_transform
+    try:
+        recipe = from_transform(transform)
+    except ValueError as e:
+        raise SystemExit(f'--device-aug {mode}: {e}; drop --device-aug') from None
+    local_bs = global_batch // world
+    try:
+        if str(data).startswith('synthetic'):
+            size = int(str(data).partition(':')[2] or 224)
+            dataset = SyntheticDataset(length=1_281_167, size=1)  # lengths, labels and classes only
+            g = torch.Generator().manual_seed(0)
+            pool = torch.randint(0, 256, (64, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+        else:
+            samples, classes = scan(data)
+            dataset = Uint8Images(samples, classes, raw=mode == 'jpeg')
+        sampler = EpochSampler(len(dataset), global_batch, rank, world, seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'data: {e}') from None
+    labels = torch.tensor(dataset.targets)
+    if str(data).startswith('synthetic'):
+        loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, memory=pool, labels=labels)
+    elif mode == 'memory':
+        loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, labels=labels,
+                                 memory=load_to_memory(dataset, workers, device))
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, drop_last=True,
+                                              collate_fn=collate_uint8, **loader_kwargs(workers, device))
+        loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, loader=batches,
+                                 decode=mode == 'jpeg', paths=[p for p, _ in dataset.samples])
+    return dataset, sampler, loader

@@ -15,11 +15,18 @@ from . import checkpoint, dist
 from .knn import KnnMonitor
 
 
-def add_run_args(p, output_dir, workers=8):
+def add_run_args(p, output_dir, workers=8, device_aug=False):
     """Adds the flags every training program shares: the 'data and speed' group (returned, so the
-    method can add its crop and augmentation flags to it) and 'checkpoints and logging'."""
+    method can add its crop and augmentation flags to it) and 'checkpoints and logging'.
+    device_aug=True adds --device-aug, for methods whose recipe common.batch_aug reproduces."""
     g = p.add_argument_group('data and speed')
     g.add_argument('-j', '--workers', type=int, default=workers, help='data loading workers per process')
+    if device_aug:
+        g.add_argument('--device-aug', choices=['off', 'memory', 'files', 'jpeg'], default='off',
+                       help='augment batches on --device (CUDA or CPU) with common/batch_aug.py instead of PIL '
+                            'in the workers: memory = whole training set decoded once into a uint8 tensor on the '
+                            'device (one image size, e.g. CIFAR); files = workers decode, the device augments; '
+                            'jpeg = workers read, decode_jpeg on the device. off = the PIL reference path')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')

@@ -1,0 +1,441 @@
+"""Batched augmentation on the device the model runs on (CUDA or CPU): one call per batch, with
+independent random parameters per sample, for the recipes of common/augment.py (issue 8).
+
+Input: uint8 RGB images, an NxCxHxW tensor (one size) or a list of CxHxW tensors (any sizes).
+Output: float32 NxCxSxS, normalised. A recipe is built from the very torchvision pipeline the PIL
+path uses, `from_transform(augment.moco_v2(224))`, so the order, probabilities and ranges cannot
+drift from it; an op without a batched equivalent is refused with its name.
+
+Randomness: every parameter is drawn from the torch.Generator passed in, on that generator's device
+(a CPU generator gives the same augmentation on every device); `sample()` returns the per-sample
+parameters and `apply()` uses them, so tests can inject either. Per op, as torchvision draws them:
+  * RandomResizedCrop: torchvision's get_params per sample (10 tries of area ~ U(scale) x source
+    area and log-aspect ~ U(log ratio), w/h rounded half-to-even, accepted if the crop fits, offsets
+    uniform integers; else the central fallback); flip ~ Bernoulli(p);
+  * ColorJitter: brightness/contrast/saturation factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-x, x), a
+    uniformly random order of the four per sample (torchvision's randperm(4));
+  * RandomApply / RandomGrayscale: Bernoulli(p) per sample; blur sigma ~ U(sigma_min, sigma_max).
+
+How each op corresponds to torchvision / PIL, and where it differs:
+  * crop + resize + flip is one separable resampling per sample, out = Wy X Wx^T, with PIL's filter
+    weights (bilinear support 1, bicubic a = -0.5; support widened by the scale when reducing, i.e.
+    antialiased) computed over the crop only, exactly as PIL resizes the cropped image. The flip
+    reverses Wx's rows; every later op is flip-equivariant (pointwise, or a symmetric blur), so
+    folding the flip into the resampling changes nothing. Equals torchvision's tensor
+    `resized_crop(..., antialias=True)` to float rounding; PIL also rounds to uint8 after each of its
+    two passes (and uses 22-bit fixed-point weights), hence <= 1.25/255 from the PIL path.
+  * ColorJitter / grayscale / solarize: torchvision's tensor formulas on float images in [0, 1]
+    (blend with 0, the grey mean or the grey image, clamped; hue rotated in HSV; grey = 0.2989 R +
+    0.587 G + 0.114 B; solarize x >= 128/255 -> 1 - x). The PIL path rounds to uint8 after every op
+    and shifts hue on an 8-bit H channel; we keep floats until the end (no intermediate rounding).
+  * Gaussian blur: common.augment.GaussianBlur is PIL's GaussianBlur(radius=sigma), which is not a
+    sampled Gaussian but three box blurs per axis whose combined standard deviation is sigma, the
+    edge pixel repeated in each pass. We run the same passes with the same fixed-point taps (at most
+    5 taps for sigma <= 2), in float: a true Gaussian of the same sigma differs from PIL by up to
+    11/255 inside the image (small sigma: PIL's 3-box kernel has heavier tails) and 30/255 at the
+    border (reflect vs repeated edge), which is why it is not used.
+"""
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+from . import augment
+
+# ---------------------------------------------------------------- per-sample parameter samplers
+
+
+def uniform(n, lo, hi, gen):
+    """N floats ~ U(lo, hi) on gen's device."""
+    return torch.empty(n, device=gen.device).uniform_(lo, hi, generator=gen)
+
+
+def bernoulli(n, p, gen):
+    """N bools, True with probability p (torchvision: `torch.rand(1) < p`)."""
+    return torch.rand(n, device=gen.device, generator=gen) < p
+
+
+def crop_params(sizes, scale, ratio, gen):
+    """torchvision RandomResizedCrop.get_params for each of the N source sizes (Nx2 (H, W) ints):
+    returns Nx4 int64 (top, left, height, width)."""
+    sizes = sizes.to(gen.device, torch.float64)
+    n = sizes.shape[0]
+    hgt, wid = sizes[:, :1], sizes[:, 1:]
+    area = hgt * wid
+    s = torch.empty(n, 10, device=gen.device).uniform_(scale[0], scale[1], generator=gen).double()
+    log_r = torch.log(torch.tensor(ratio))
+    a = torch.exp(torch.empty(n, 10, device=gen.device).uniform_(log_r[0], log_r[1], generator=gen)).double()
+    w = torch.round(torch.sqrt(area * s * a))  # round half to even, as Python's round
+    h = torch.round(torch.sqrt(area * s / a))
+    ok = (w > 0) & (w <= wid) & (h > 0) & (h <= hgt)  # Nx10
+    first = torch.where(ok.any(1), ok.float().argmax(1), -1)  # first accepted try, -1: none
+    pick = first.clamp(min=0).unsqueeze(1)
+    w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+    u = torch.rand(n, 2, device=gen.device, generator=gen, dtype=torch.float64)
+    hgt, wid = hgt.squeeze(1), wid.squeeze(1)
+    top = torch.floor(u[:, 0] * (hgt - h + 1)).clamp(max=hgt - h)
+    left = torch.floor(u[:, 1] * (wid - w + 1)).clamp(max=wid - w)
+    # fallback: central crop of the aspect ratio clamped into `ratio`
+    in_ratio = wid / hgt
+    lo, hi = min(ratio), max(ratio)
+    fw = torch.where(in_ratio > hi, torch.round(hgt * hi), wid)
+    fh = torch.where(in_ratio < lo, torch.round(wid / lo), hgt)
+    none = first < 0
+    w, h = torch.where(none, fw, w), torch.where(none, fh, h)
+    top = torch.where(none, torch.div(hgt - h, 2, rounding_mode='floor'), top)
+    left = torch.where(none, torch.div(wid - w, 2, rounding_mode='floor'), left)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def jitter_params(n, brightness, contrast, saturation, hue, gen):
+    """torchvision ColorJitter.get_params for N samples: (factors Nx4 float (b, c, s, h), order Nx4
+    int64, a random permutation of 0..3 per row: 0 brightness, 1 contrast, 2 saturation, 3 hue).
+    A range of None gives the identity factor (1, or 0 for hue)."""
+    order = torch.rand(n, 4, device=gen.device, generator=gen).argsort(1)
+    cols = []
+    for rng, ident in ((brightness, 1.0), (contrast, 1.0), (saturation, 1.0), (hue, 0.0)):
+        cols.append(torch.full((n,), ident, device=gen.device) if rng is None else uniform(n, *rng, gen))
+    return torch.stack(cols, 1), order
+
+
+# ---------------------------------------------------------------- functional ops (float NxCxHxW in [0, 1])
+
+def _pil_filter(x, kind):
+    """PIL's resampling filters (Resample.c): triangle for bilinear, Keys cubic a = -0.5 for bicubic."""
+    x = x.abs()
+    if kind == 'bilinear':
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+SUPPORT = {'bilinear': 1.0, 'bicubic': 2.0}
+
+
+def resample_weights(start, length, in_size, out_size, kind='bilinear', flip=None):
+    """N x out_size x in_size weights that resize the crop [start, start + length) of each row of
+    in_size pixels to out_size pixels as PIL does (precompute_coeffs: centre (x + 0.5) * scale in the
+    crop, support x max(scale, 1), taps clipped to the crop, weights normalised); rows reversed where
+    `flip`."""
+    start, length = start.double(), length.double()
+    scale = (length / out_size)[:, None, None]  # Nx1x1
+    fscale = scale.clamp(min=1)
+    support = SUPPORT[kind] * fscale
+    center = (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5)[None, :, None] * scale
+    p = torch.arange(in_size, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
+    lo = torch.trunc(center - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length[:, None, None])
+    w = _pil_filter((p - center + 0.5) / fscale, kind) * ((p >= lo) & (p < hi))
+    w = w / w.sum(-1, keepdim=True)
+    if flip is not None:
+        w = torch.where(flip.view(-1, 1, 1), w.flip(1), w)
+    return w.float()
+
+
+def to_float(images):
+    """uint8 -> float32 in [0, 1]: a tensor, or each tensor of a list."""
+    if isinstance(images, (list, tuple)):
+        return [to_float(x) for x in images]
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def resized_crop(images, boxes, size, kind='bilinear', flip=None):
+    """Crops boxes (Nx4 top, left, height, width) of the N images (float NxCxHxW, or a list of
+    CxHxW) and resizes them to size (h, w) with PIL's filters, flipping where `flip` (N bools):
+    horizontal pass then vertical pass, each clamped to [0, 1] as PIL clips to uint8."""
+    if isinstance(images, (list, tuple)):  # any sizes: one sample at a time
+        return torch.cat([resized_crop(x[None], boxes[i:i + 1], size, kind, None if flip is None else flip[i:i + 1])
+                          for i, x in enumerate(images)])
+    boxes = boxes.to(images.device)
+    if flip is not None:
+        flip = flip.to(images.device)
+    _, _, hgt, wid = images.shape
+    wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
+    wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
+    x = (images @ wx.transpose(-1, -2)).clamp_(0, 1)  # NxCxHxSW
+    return (wy @ x).clamp_(0, 1)  # NxCxSHxSW
+
+
+def _per_sample(v, x):
+    return v.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def rgb_to_gray(x):
+    """Nx3xHxW -> Nx1xHxW, torchvision's weights (ITU-R 601-2 luma)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x, ref, f):
+    return (f * x + (1.0 - f) * ref).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), _per_sample(f, x))
+
+
+def adjust_contrast(x, f):
+    return _blend(x, rgb_to_gray(x).mean((1, 2, 3), keepdim=True), _per_sample(f, x))
+
+
+def adjust_saturation(x, f):
+    return _blend(x, rgb_to_gray(x), _per_sample(f, x))
+
+
+def adjust_hue(x, h):
+    """Rotates the hue of each image by h (N, in turns, [-0.5, 0.5]) in HSV space; saturation and
+    value are kept."""
+    v, _ = x.max(1)
+    mn, _ = x.min(1)
+    c = v - mn
+    s = c / torch.where(c == 0, torch.ones_like(v), v)
+    cd = torch.where(c == 0, torch.ones_like(c), c)
+    r, g, b = x.unbind(1)
+    hue = torch.where(v == r, (g - b) / cd,                                 # red max: sector -1..1
+                      torch.where(v == g, 2.0 + (b - r) / cd, 4.0 + (r - g) / cd))  # green / blue max
+    hue = torch.where(c == 0, torch.zeros_like(hue), hue)
+    hue = torch.remainder(hue / 6.0 + _per_sample(h, x)[:, 0], 1.0)
+    # HSV -> RGB: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + 6.0 * hue, 6.0)
+        out.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(out, 1).clamp(0, 1)
+
+
+def pil_box_kernels(sigma, passes=3):
+    """The 1-D kernel of one of PIL's `passes` box-blur passes that make GaussianBlur(radius=sigma)
+    (Pillow BoxBlur.c: box radius r = l + a from Gwosdek et al. 2011, so that `passes` boxes have
+    variance sigma^2; taps 1/(2r+1) at |x| <= l and the remainder split over |x| = l + 1, in PIL's
+    24-bit fixed point). Returns N x (2 R + 1) taps, R = max(l) + 1, zero where a sample's is shorter."""
+    s2 = sigma.double() ** 2 / passes
+    big = torch.sqrt(12.0 * s2 + 1.0)
+    lo = torch.floor((big - 1.0) / 2.0)
+    r = lo + (2 * lo + 1) * (lo * (lo + 1) - 3 * s2) / (6 * (s2 - (lo + 1) ** 2))
+    r = r.float().double()  # PIL computes the radius in C float
+    ww = torch.floor(2.0 ** 24 / (2 * r + 1))
+    fw = torch.floor((2.0 ** 24 - (2 * lo + 1) * ww) / 2)
+    rad = int(lo.max()) + 1 if len(lo) else 1
+    t = torch.arange(-rad, rad + 1, dtype=torch.float64, device=sigma.device).abs()[None]
+    k = torch.where(t <= lo[:, None], ww[:, None], torch.where(t == lo[:, None] + 1, fw[:, None], 0.0))
+    return (k / 2.0 ** 24).float()
+
+
+def box_blur(x, sigma, passes=3):
+    """PIL's GaussianBlur(radius=sigma) per sample (sigma: N): `passes` horizontal box blurs, then
+    `passes` vertical ones, each with the edge pixel repeated (replicate padding), in float (PIL
+    rounds to uint8 after each pass)."""
+    n, c, hgt, wid = x.shape
+    k = pil_box_kernels(sigma, passes).to(x.device).repeat_interleave(c, 0)  # (N C) x (2R+1)
+    rad = (k.shape[1] - 1) // 2
+    y = x.reshape(1, n * c, hgt, wid)
+    for _ in range(passes):
+        y = F.conv2d(F.pad(y, (rad, rad, 0, 0), mode='replicate'), k.view(n * c, 1, 1, -1), groups=n * c)
+    for _ in range(passes):
+        y = F.conv2d(F.pad(y, (0, 0, rad, rad), mode='replicate'), k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, hgt, wid)
+
+
+def solarize(x, threshold=128 / 255):
+    """x >= threshold -> 1 - x (PIL ImageOps.solarize(img, 128) on uint8 pixels)."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def rotate90(x, k):
+    """Rotates image i by k[i] x 90 degrees counter-clockwise (torch.rot90 in the (H, W) plane)."""
+    k = k.to(x.device).view(-1, 1, 1, 1) % 4
+    out = x
+    for r in (1, 2, 3):
+        out = torch.where(k == r, torch.rot90(x, r, (2, 3)), out)
+    return out
+
+
+def normalize(x, mean, std):
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _where_on(fn, x, on, *params):
+    """fn(x, *params) for the samples where `on`, x elsewhere. On CUDA computed for all and selected
+    (no host sync); on CPU only for the selected samples."""
+    if x.is_cuda:
+        return torch.where(on.to(x.device).view(-1, 1, 1, 1), fn(x, *params), x)
+    idx = on.cpu().nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x
+    x = x.clone()
+    x[idx] = fn(x[idx], *[p.cpu()[idx] for p in params])
+    return x
+
+
+# ---------------------------------------------------------------- recipe steps (sample, then apply)
+
+class Crop:
+    """RandomResizedCrop(size, scale, ratio, interpolation) + RandomHorizontalFlip(flip_p)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bilinear', flip_p=0.0):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.scale, self.ratio, self.interpolation, self.flip_p = scale, ratio, interpolation, flip_p
+
+    def sample(self, sizes, gen):
+        return dict(box=crop_params(sizes, self.scale, self.ratio, gen), flip=bernoulli(len(sizes), self.flip_p, gen))
+
+    def apply(self, images, p):
+        return resized_crop(images, p['box'], self.size, self.interpolation, p['flip'])
+
+
+class Jitter:
+    """RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p): ranges as torchvision
+    stores them ((lo, hi) or None)."""
+
+    def __init__(self, brightness, contrast, saturation, hue, p=1.0):
+        self.ranges, self.p = (brightness, contrast, saturation, hue), p
+
+    def sample(self, n, gen):
+        on = bernoulli(n, self.p, gen)
+        factors, order = jitter_params(n, *self.ranges, gen)
+        return dict(on=on, factors=factors, order=order)
+
+    def apply(self, x, p):
+        on = p['on'].to(x.device)
+        factors, order = p['factors'].to(x.device, x.dtype), p['order'].to(x.device)
+        hue_on = on if self.ranges[3] is not None else torch.zeros_like(on)
+        for k in range(4):  # position k of each sample's own order
+            op = order[:, k]
+            f = torch.where(on & (op < 3), factors.gather(1, op[:, None]).squeeze(1), torch.ones_like(factors[:, 0]))
+            f = f.view(-1, 1, 1, 1)
+            gray = rgb_to_gray(x)
+            ref = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(gray),
+                              torch.where((op == 1).view(-1, 1, 1, 1), gray.mean((1, 2, 3), keepdim=True), gray))
+            x = _blend(x, ref, f)
+            x = _where_on(adjust_hue, x, hue_on & (op == 3), factors[:, 3])
+        return x
+
+
+class Gray:
+    """RandomGrayscale(p): 3 equal channels."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def sample(self, n, gen):
+        return dict(on=bernoulli(n, self.p, gen))
+
+    def apply(self, x, p):
+        return torch.where(p['on'].to(x.device).view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
+
+
+class Blur:
+    """RandomApply([augment.GaussianBlur(sigma)], p): per-sample sigma ~ U(sigma), PIL's box blur."""
+
+    def __init__(self, sigma=(0.1, 2.0), p=1.0):
+        self.sigma, self.p = tuple(sigma), p
+
+    def sample(self, n, gen):
+        return dict(on=bernoulli(n, self.p, gen), sigma=uniform(n, *self.sigma, gen))
+
+    def apply(self, x, p):
+        return _where_on(box_blur, x, p['on'], p['sigma'])
+
+
+class Solarize:
+    """RandomApply([augment.Solarize()], p)."""
+
+    def __init__(self, p=1.0):
+        self.p = p
+
+    def sample(self, n, gen):
+        return dict(on=bernoulli(n, self.p, gen))
+
+    def apply(self, x, p):
+        return torch.where(p['on'].to(x.device).view(-1, 1, 1, 1), solarize(x), x)
+
+
+class Recipe:
+    """One view: crop (+ flip) on the uint8 source, then `ops` in order, then normalisation.
+    recipe(images, gen) -> float NxCxSxS; sample(sizes, gen) / apply(images, params) separately."""
+
+    def __init__(self, crop, ops=(), mean=None, std=None):
+        self.crop, self.ops, self.mean, self.std = crop, list(ops), mean, std
+
+    def sample(self, sizes, gen):
+        return [self.crop.sample(sizes, gen)] + [op.sample(len(sizes), gen) for op in self.ops]
+
+    def apply(self, images, params):
+        x = self.crop.apply(to_float(images), params[0])
+        for op, p in zip(self.ops, params[1:]):
+            x = op.apply(x, p)
+        return x if self.mean is None else normalize(x, self.mean, self.std)
+
+    def __call__(self, images, gen):
+        return self.apply(images, self.sample(image_sizes(images), gen))
+
+    def __repr__(self):
+        return f'Recipe({self.crop.__dict__}, {[(type(o).__name__, o.__dict__) for o in self.ops]})'
+
+
+class MultiView:
+    """augment.MultiView for batches: a list with one batch per recipe, drawn in turn from `gen`."""
+
+    def __init__(self, *recipes):
+        self.recipes, self.n_views = recipes, len(recipes)
+
+    def __call__(self, images, gen):
+        images = to_float(images)  # converted once for all views
+        return [r(images, gen) for r in self.recipes]
+
+
+def image_sizes(images):
+    """Nx2 (H, W) of a batch tensor or of each image of a list."""
+    if isinstance(images, (list, tuple)):
+        return torch.tensor([x.shape[-2:] for x in images])
+    return torch.tensor(images.shape[-2:]).expand(images.shape[0], 2)
+
+
+# ---------------------------------------------------------------- from the PIL pipelines
+
+_INTERP = {T.InterpolationMode.BILINEAR: 'bilinear', T.InterpolationMode.BICUBIC: 'bicubic'}
+
+
+def _step(op, p=1.0):
+    if isinstance(op, T.ColorJitter):
+        return Jitter(op.brightness, op.contrast, op.saturation, op.hue, p)
+    if isinstance(op, T.RandomGrayscale):
+        return Gray(op.p * p)
+    if isinstance(op, augment.GaussianBlur):
+        return Blur(op.sigma, p)
+    if isinstance(op, augment.Solarize):
+        return Solarize(p)
+    raise ValueError(f'{type(op).__name__} has no batched equivalent')
+
+
+def from_transform(t):
+    """The batched equivalent of a PIL pipeline of common/augment.py (a Compose, or a MultiView of
+    them). Raises ValueError naming the first op it cannot reproduce."""
+    if isinstance(t, augment.MultiView):
+        return MultiView(*[from_transform(v) for v in t.transforms])
+    crop, flip_p, ops, mean, std = None, 0.0, [], None, None
+    for op in (t.transforms if isinstance(t, T.Compose) else [t]):
+        if isinstance(op, T.RandomResizedCrop) and crop is None:
+            if op.interpolation not in _INTERP:
+                raise ValueError(f'RandomResizedCrop with {op.interpolation} has no batched equivalent')
+            crop = Crop(op.size, tuple(op.scale), tuple(op.ratio), _INTERP[op.interpolation])
+        elif crop is None:
+            raise ValueError(f'{type(op).__name__} before RandomResizedCrop: the batched path starts with the crop')
+        elif isinstance(op, T.RandomHorizontalFlip) and not flip_p:
+            flip_p = op.p  # commutes with every later step: folded into the crop's resampling
+        elif isinstance(op, T.RandomApply):
+            if len(op.transforms) != 1:
+                raise ValueError('RandomApply of several ops has no batched equivalent')
+            ops.append(_step(op.transforms[0], op.p))
+        elif isinstance(op, T.ToTensor):
+            continue
+        elif isinstance(op, T.Normalize):
+            mean, std = tuple(op.mean), tuple(op.std)
+        else:
+            ops.append(_step(op))
+    if crop is None:
+        raise ValueError('the batched path needs a RandomResizedCrop')
+    crop.flip_p = flip_p
+    return Recipe(crop, ops, mean, std)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Augmentation throughput: the PIL path (DataLoader workers running common/augment.py) against the
+batched path (common/batch_aug.py on --device), for the MoCo v2 and BYOL two-view recipes.
+
+  python scripts/bench_augment.py                          # CPU, shipped CIFAR-10 sample, 32 and 224 px
+  python scripts/bench_augment.py --device cuda --sizes 224 --batch-size 256
+
+Counted in source images per second (each gives two views). Paths:
+  pil     DataLoader(--workers) decoding and augmenting with PIL, as the default training path;
+  files   DataLoader(--workers) decoding to uint8, the batch augmented on --device (--device-aug files);
+  memory  the decoded set already on --device, augmentation only (--device-aug memory).
+For 224 px the first --images train images are upsampled to 256x256 (bicubic) and saved as JPEG
+(quality 95) in a temporary folder, so both paths decode real JPEGs of ImageNet-like size.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import augment, data  # noqa: E402
+
+RECIPES = {
+    'moco_v2': lambda s: augment.MultiView(augment.moco_v2(s, blur=s >= 64), augment.moco_v2(s, blur=s >= 64)),
+    'byol': lambda s: augment.MultiView(augment.byol(s, 1, blur=s >= 64), augment.byol(s, 2, blur=s >= 64)),
+}
+
+
+def upsampled_copy(src, n, size, out):
+    """ImageNet-layout copy of the first n train images of `src`, resized to size x size."""
+    samples, _ = data.scan(src)
+    for path, label in samples[:n]:
+        d = Path(out) / 'train' / f'c{label}'
+        d.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert('RGB').resize((size, size), Image.BICUBIC).save(d / Path(path).name, quality=95)
+    return out
+
+
+def measure(loader, sampler, batches, warmup=1):
+    """Source images per second over `batches` batches after `warmup` untimed ones."""
+    sampler.set_epoch(0)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t, n = time.perf_counter(), 0
+    for _ in range(batches):
+        views, _, idx = next(it)
+        n += len(idx)
+    if views[0].is_cuda:
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', nargs='?', default=str(data.SAMPLE_DATA))
+    p.add_argument('--sizes', type=int, nargs='+', default=[32, 224])
+    p.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument('--paths', nargs='+', default=['pil', 'files', 'memory'], choices=['pil', 'files', 'memory'])
+    p.add_argument('--device', default='cpu')
+    p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--threads', type=int, default=None, help='torch threads of the main process (default: torch\'s)')
+    p.add_argument('--batch-size', type=int, default=None, help='default 256 at 32 px, 64 above')
+    p.add_argument('--batches', type=int, default=None, help='timed batches (default 8 at 32 px, 4 above)')
+    p.add_argument('--images', type=int, default=1024, help='images in the upsampled 224-px copy')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f'device {device}, torch threads {torch.get_num_threads()}, workers {args.workers}, '
+          f'load average {os.getloadavg()[0]:.1f} at start, {os.cpu_count()} CPUs')
+    print(f'{"recipe":8} {"px":>4} {"path":7} {"img/s":>8}')
+    with tempfile.TemporaryDirectory() as tmp:
+        big = None
+        for size in args.sizes:
+            root = args.data
+            if size > 64:
+                big = big or upsampled_copy(args.data, args.images, 256, tmp)
+                root = big
+            bs = args.batch_size or (256 if size <= 64 else 64)
+            batches = args.batches or (8 if size <= 64 else 4)
+            for name in args.recipes:
+                for path in args.paths:
+                    mode = 'off' if path == 'pil' else path
+                    _, sampler, loader = data.train_loader(root, RECIPES[name](size), bs, 0, 1, 0, args.workers,
+                                                           device, mode)
+                    print(f'{name:8} {size:4} {path:7} {measure(loader, sampler, batches):8.0f}', flush=True)
+                    del loader
+    print(f'load average {os.getloadavg()[0]:.1f} at the end')
+
+
+if __name__ == '__main__':
+    main()

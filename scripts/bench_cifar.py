@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""CIFAR-10 speed and accuracy benchmark: MoCo v2, SimCLR and BYOL with a CIFAR-stem ResNet-18 on the
+full CIFAR-10 train set (an ImageNet-layout folder: train/<class>/*.png|jpg, val/<class>/*), a fixed
+epoch budget each, the batched on-device augmentation with the whole set in device memory.
+
+  python scripts/bench_cifar.py /data/cifar10                     # 200 epochs each, batch 512, bf16
+  python scripts/bench_cifar.py /data/cifar10 --epochs 20 --methods moco
+  python scripts/bench_cifar.py data/cifar10_sample --epochs 1 --tiny    # CPU smoke test
+
+Runs each method file as it is (`python METHOD.py DATA ...`), then prints per method: img/s (mean
+over epochs after the first), wall time, mean GPU utilisation (nvidia-smi, sampled every second)
+and the weighted-kNN top-1 (k=200) of the final backbone on val, the same protocol as lightly's
+CIFAR-10 benchmark (targets at 200 epochs, batch 512: MoCo 0.847, SimCLR 0.848, BYOL 0.868). The
+per-method flags below are our CIFAR settings (lightly's: SGD-like LR 0.06 x batch/128, wd 5e-4,
+MoCo T=0.1 with a 4096 queue); they are a starting point, not tuned to reach those numbers.
+"""
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+METHOD_ARGS = {
+    'moco': '--v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99 --lr 0.12 --wd 5e-4',
+    'simclr': '--temperature 0.5 --lr 1.0 --wd 1e-6 --warmup-epochs 10',
+    'byol': '--hidden-dim 4096 --dim 256 --tau 0.99 --lr 1.0 --wd 1.5e-6',
+}
+TINY = '--arch resnet10 --width 8 --batch-size 16 --workers 0 --knn-k 20 --amp off'  # CPU: bf16 is slow there
+TINY_METHOD = {'moco': '--moco-k 32 --bn-splits 2 --moco-dim 16', 'simclr': '--proj-dim 16',
+               'byol': '--hidden-dim 32 --dim 16'}
+
+
+class GpuSampler(threading.Thread):
+    """Mean GPU utilisation (percent, first GPU) from nvidia-smi once a second; None without it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.values, self.stop = [], threading.Event()
+
+    def run(self):
+        if not shutil.which('nvidia-smi'):
+            return
+        while not self.stop.wait(1.0):
+            out = subprocess.run(['nvidia-smi', '--query-gpu=utilization.gpu', '--format=csv,noheader,nounits'],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                self.values.append(float(out[0]))
+
+    def mean(self):
+        return sum(self.values) / len(self.values) if self.values else None
+
+
+def run_method(method, args):
+    out = Path(args.output_dir) / method
+    cmd = [sys.executable, str(REPO / f'{method}.py'), str(args.data), '--arch', 'resnet18', '--cifar-stem',
+           '--crop-size', '32', '--batch-size', str(args.batch_size), '--epochs', str(args.epochs),
+           '--knn-every', str(args.epochs), '--knn-k', '200', '--device-aug', args.device_aug, '--amp', args.amp,
+           '--workers', str(args.workers), '--seed', '0', '--print-freq', '50', '--save-freq', str(args.epochs),
+           '--output-dir', str(out)] + shlex.split(METHOD_ARGS[method])
+    if args.tiny:
+        cmd += shlex.split(TINY) + shlex.split(TINY_METHOD[method])
+    cmd += shlex.split(args.extra.get(method, ''))
+    print('$', shlex.join(cmd), flush=True)
+    gpu = GpuSampler()
+    gpu.start()
+    t = time.time()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - t
+    gpu.stop.set()
+    if p.returncode:
+        raise SystemExit(f'{method} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}')
+    recs = [json.loads(line) for line in open(out / 'log.jsonl')]
+    epochs = [r for r in recs if r['type'] == 'epoch']
+    timed = epochs[1:] or epochs  # the first epoch includes start-up and compilation
+    knn = [r for r in recs if r['type'] == 'knn']
+    return dict(method=method, img_s=sum(r['img_s'] for r in timed) / len(timed), wall_s=wall, gpu_util=gpu.mean(),
+                knn_top1=knn[-1]['knn_top1'] if knn else None, epochs=len(epochs))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', help='CIFAR-10 as an ImageNet-layout folder (train/ and val/ class folders)')
+    p.add_argument('--methods', nargs='+', default=list(METHOD_ARGS), choices=list(METHOD_ARGS))
+    p.add_argument('--epochs', type=int, default=200)
+    p.add_argument('-b', '--batch-size', type=int, default=512)
+    p.add_argument('--device-aug', default='memory', choices=['off', 'memory', 'files', 'jpeg'])
+    p.add_argument('--amp', default='bf16', choices=['off', 'bf16', 'fp16'])
+    p.add_argument('-j', '--workers', type=int, default=8)
+    p.add_argument('--extra', type=lambda s: s.split('=', 1), action='append', default=[],
+                   metavar='METHOD=ARGS', help='more flags for one method, e.g. --extra "moco=--lr 0.06"')
+    p.add_argument('--tiny', action='store_true', help='tiny network and batch (CPU smoke test)')
+    p.add_argument('--output-dir', default='output/bench_cifar')
+    args = p.parse_args(argv)
+    args.extra = dict(args.extra)
+    rows = [run_method(m, args) for m in args.methods]
+    print(f'\n{"method":8} {"epochs":>6} {"img/s":>8} {"wall":>9} {"GPU util":>8} {"kNN top-1":>9}')
+    for r in rows:
+        util = f'{r["gpu_util"]:.0f}%' if r['gpu_util'] is not None else 'n/a'
+        knn = f'{r["knn_top1"]:.2f}' if r['knn_top1'] is not None else 'n/a'
+        print(f'{r["method"]:8} {r["epochs"]:6d} {r["img_s"]:8.0f} {r["wall_s"] / 60:7.1f} m {util:>8} {knn:>9}')
+    with open(Path(args.output_dir) / 'bench_cifar.json', 'w') as f:
+        json.dump(dict(args=vars(args), results=rows), f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
