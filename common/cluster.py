@@ -82,3 +82,18 @@ def nmi(a, b):
     agreement between consecutive clusterings, or clusters against ground-truth classes."""
     from sklearn.metrics import normalized_mutual_info_score
     return float(normalized_mutual_info_score(np.asarray(a), np.asarray(b)))
+
+
+FAISS_INSTALL = ('pip install faiss-cpu (CPU k-means), or for GPU k-means: conda install -c pytorch '
+                 '-c nvidia faiss-gpu')
+
+
+def require_faiss():
+    """Imports faiss, or raises ImportError saying how to install it (the clustering methods call
+    this at start-up rather than failing at the first clustering round)."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(f'the k-means of DeepCluster/ODC needs faiss, which cannot be imported ({e}); '
+                          f'install it: {FAISS_INSTALL}') from None
+    return faiss
