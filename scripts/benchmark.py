@@ -8,7 +8,8 @@ gets. The first --warmup steps (allocator, cuDNN autotuning, worker start) are n
   python scripts/benchmark.py moco --steps 30 -- data/cifar10_sample --arch resnet18 --cifar-stem --crop-size 32 --moco-k 4096
   python scripts/benchmark.py moco --steps 30 -- synthetic:224 --amp bf16   # pure compute, no decoding
 
-Arguments after `--` go to the method unchanged (batch size, arch, AMP, workers, ...).
+Arguments after `--` go to the method unchanged (batch size, arch, AMP, workers, ...); without a
+data argument the method's demo recipe runs.
 """
 import argparse
 import json
@@ -28,9 +29,10 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=30, help='timed steps (after the warm-up)')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps first')
     p.add_argument('--nproc', type=int, default=1, help='processes (torchrun) ')
-    p.add_argument('method_args', nargs=argparse.REMAINDER, help='-- then arguments for the method')
-    args = p.parse_args(argv)
-    margs = args.method_args[1:] if args.method_args[:1] == ['--'] else args.method_args
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # everything after `--` goes to the method (argparse's REMAINDER would also swallow --steps)
+    own, margs = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+    args = p.parse_args(own)
     script = REPO / f'{args.method}.py'
     if not script.exists():
         raise SystemExit(f'{script} does not exist (method not implemented yet)')

@@ -147,3 +147,13 @@ def test_demo_short_variant(tmp_path):
     assert ep['img_s'] > 0 and ep['peak_mem_mb'] > 0
     tr = [r for r in recs if r['type'] == 'train']
     assert len(tr) == 2 and 0 < tr[-1]['emb_std'] <= 1  # 19 iterations, logged every 10 and at the end
+
+
+def test_benchmark_script_passes_its_flags_and_the_methods(tmp_path):
+    """scripts/benchmark.py: its own flags before `--`, the method's after; it times --steps steps
+    after --warmup and reports img/s from the method's log."""
+    data = make_subset(tmp_path / 'd', 4)
+    r = python('scripts/benchmark.py', 'moco', '--steps', '2', '--warmup', '1', '--', data, *TINY,
+               '--batch-size', '8', '--moco-k', '16')
+    assert '--max-steps 3' in r.stdout  # 1 warm-up + 2 timed steps reached the method
+    assert 'img/s over 2 steps (after 1 warm-up)' in r.stdout
