@@ -78,10 +78,7 @@ def get_parser():
     g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up, per optimizer step')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1.5e-6, help='weight decay (not on BN and bias)')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
-                   'REGEX (keys lr_mult, weight_decay, momentum, lars_exclude), after the BN/bias '
-                   'exclusions; repeatable')
+    optim.add_param_group_arg(g, note='after the BN/bias exclusions')
     g = add_run_args(p, 'output/byol', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--blur', action=argparse.BooleanOptionalAction, default=None,

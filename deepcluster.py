@@ -90,11 +90,8 @@ def get_parser():
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1e-5, help='weight decay')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append',
-                   default=[optim.parse_param_group(r'^head\.:momentum=0')],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
-                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable, added to the default (head '
-                   'without momentum, OSS)')
+    optim.add_param_group_arg(g, default=[r'^head\.:momentum=0'],
+                              note='added to the default (head without momentum, OSS)')
     g = add_run_args(p, 'output/deepcluster')
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--min-crop', type=float, default=0.08, help='smallest RandomResizedCrop area (share of the image)')

@@ -68,9 +68,7 @@ def get_parser():
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1e-4, help='weight decay')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
-                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable')
+    optim.add_param_group_arg(g)
     g = add_run_args(p, 'output/npid', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p

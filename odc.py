@@ -77,18 +77,14 @@ def get_parser():
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1e-5, help='weight decay')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append',
-                   default=[optim.parse_param_group(r'^head\.:momentum=0')],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
-                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable, added to the default (head '
-                   'without momentum, OSS)')
+    optim.add_param_group_arg(g, default=[r'^head\.:momentum=0'],
+                              note='added to the default (head without momentum, OSS)')
     g = add_run_args(p, 'output/odc')
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--min-crop', type=float, default=0.08, help='smallest RandomResizedCrop area (share of the image)')
     return p
 
 
-# demo: the recipe that beats random init on the 5,000-image sample within ~10 CPU-minutes.
 # demo: 30 clusters of ~170 images (min 20, as OSS), batch 128 and a 4x LR so that the ~1,200 steps of
 # ~7 CPU-minutes move the backbone (100 clusters at lr 0.06 and batch 256 did not beat random init)
 DEMO = dict(data=str(SAMPLE_DATA), arch='resnet10', width=32, cifar_stem=True, crop_size=32, num_clusters=30,

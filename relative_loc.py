@@ -72,9 +72,7 @@ def get_parser():
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1e-4, help='weight decay of the backbone')
     g.add_argument('--neck-wd', type=float, default=5e-4, help='weight decay of neck and head')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches '
-                   'REGEX (keys lr_mult, weight_decay, momentum); repeatable; override --neck-wd')
+    optim.add_param_group_arg(g, note='override --neck-wd')
     g = add_run_args(p, 'output/relative_loc')
     g.add_argument('--crop-size', type=int, default=255,
                    help='side of the square split into 3x3 cells; sets the whole patch geometry (see the '

@@ -77,10 +77,7 @@ def get_parser():
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1e-6, help='weight decay (inside LARS)')
     g.add_argument('--eta', type=float, default=1e-3, help='LARS trust coefficient')
-    g.add_argument('--param-group', type=optim.parse_param_group, action='append', default=[],
-                   metavar='REGEX:key=value[,...]', help='options for parameters whose name matches REGEX '
-                   '(keys lr_mult, weight_decay, momentum, lars_exclude); repeatable; applied after the '
-                   'BN/bias exclusion rules')
+    optim.add_param_group_arg(g, note='applied after the BN/bias exclusion rules')
     g = add_run_args(p, 'output/simclr', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     return p

@@ -85,6 +85,15 @@ def param_groups(model, rules, log=print):
     return out
 
 
+def add_param_group_arg(g, default=(), note=''):
+    """--param-group REGEX:key=value[,...] (repeatable) on an argparse group; `default` holds the
+    method's own rules (as strings), which the user's rules are appended to; `note` ends the help."""
+    g.add_argument('--param-group', type=parse_param_group, action='append',
+                   default=[parse_param_group(r) for r in default], metavar='REGEX:key=value[,...]',
+                   help='options for parameters whose name matches REGEX (keys lr_mult, weight_decay, momentum, '
+                        'lars_exclude); repeatable' + (f'; {note}' if note else ''))
+
+
 class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017), as OpenSelfSup defines it (methods.md §0.3).
 
