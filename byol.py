@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet
 
 WARMUP_RATIO = 1e-4  # OSS r50_bs256_ep200: linear warm-up starts at 1e-4 x LR
@@ -216,6 +216,7 @@ def main(argv=None):
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.online, core.predictor, core.target)  # --compile
     del ckpt
 
     # ============ training loop ============

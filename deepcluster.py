@@ -58,7 +58,7 @@ from common import augment, checkpoint, cluster, dist, optim
 from common.data import SAMPLE_DATA, EpochSampler, build_dataset, loader_kwargs
 from common.features import iter_features
 from common.log import TrainMeter, peak_memory_mb, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet, build_resnet_sobel
 
 # ============ arguments ============
@@ -216,6 +216,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.backbone)  # --compile
     del ckpt
     rnd = run.ckpt_extra.get('round', -1)  # the round whose labels are in core.labels (-1: none yet)
     run.extra.update(run.ckpt_extra)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -195,6 +195,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'encoder_q', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.encoder_q, core.encoder_k)  # --compile
     del ckpt
 
     # ============ training loop ============

@@ -35,7 +35,7 @@ from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.knn import extract_features, knn_predict
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -233,6 +233,7 @@ def main(argv=None):
         if (bank_labels < 0).any():
             raise SystemExit('--knn-every needs labelled training images (class folders); drop --knn-every')
     run = Run(args, core, 'encoder', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.encoder)  # --compile
     del ckpt
 
     # ============ training loop ============

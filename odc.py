@@ -44,7 +44,7 @@ from common import augment, checkpoint, cluster, dist, optim
 from common.data import SAMPLE_DATA, EpochSampler, build_dataset, loader_kwargs
 from common.knn import extract_features
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -300,6 +300,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.backbone)  # --compile
     del ckpt
     if not run.resumed:
         init_clusters(core, args, device, log)

@@ -44,7 +44,7 @@ import torchvision.transforms as T
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -155,7 +155,6 @@ class RelativeLoc(nn.Module):
     def __init__(self, backbone, neck_dim=4096, num_classes=8):
         super().__init__()
         self.backbone = backbone
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.neck = nn.Sequential(nn.Linear(2 * backbone.feat_dim, neck_dim),
                                   nn.BatchNorm1d(neck_dim, momentum=0.003),
                                   nn.ReLU(inplace=True), nn.Dropout(0.5))
@@ -174,7 +173,7 @@ class RelativeLoc(nn.Module):
         x = pairs.flatten(0, 1)                                         # 8Nx6xPxP, image-major
         # two passes (as OpenSelfSup): neighbours and centres each get their own BN batch statistics
         f = torch.cat([self.layer4(x[:, :3]), self.layer4(x[:, 3:])], dim=1)  # 8Nx2Cxhxw
-        logits = self.head(self.neck(torch.flatten(self.avgpool(f), 1)))    # 8Nx8
+        logits = self.head(self.neck(f.mean((2, 3))))      # 8Nx8
         labels = torch.arange(k, device=pairs.device).repeat(n)             # 0..7, 0..7, ...
         return logits, labels
 
@@ -219,6 +218,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device,
               knn_size=args.crop_size if args.crop_size < 64 else 224)  # whole images, as eval/knn.py sees them
+    compile_modules(args, core)  # --compile (the forward calls backbone.forward_stages)
     del ckpt
 
     # ============ training loop ============

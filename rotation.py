@@ -35,7 +35,7 @@ import torchvision.transforms as T
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -156,6 +156,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core)  # --compile (the forward calls backbone.pooled)
     del ckpt
 
     # ============ training loop ============

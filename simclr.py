@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, memory_format
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -211,6 +211,7 @@ def main(argv=None):
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd, eta=args.eta)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    compile_modules(args, core.backbone, core.head)  # --compile
     del ckpt
 
     # ============ training loop ============

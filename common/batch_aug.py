@@ -43,6 +43,16 @@ from . import augment
 
 # ---------------------------------------------------------------- per-sample parameter samplers
 
+def to_device(t, device, dtype=None):
+    """t on `device` (as `dtype`) without a host-device sync: a CPU tensor bound for CUDA goes through
+    pinned memory asynchronously (a plain .to() waits until the GPU has drained its queue, so the CPU
+    could not run ahead of it)."""
+    if device.type == 'cuda' and t.device.type == 'cpu':
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
+
 
 def uniform(n, lo, hi, gen):
     """N floats ~ U(lo, hi) on gen's device."""
@@ -147,9 +157,9 @@ def resized_crop(images, boxes, size, kind='bilinear', flip=None):
     if isinstance(images, (list, tuple)):  # any sizes: one sample at a time
         return torch.cat([resized_crop(x[None], boxes[i:i + 1], size, kind, None if flip is None else flip[i:i + 1])
                           for i, x in enumerate(images)])
-    boxes = boxes.to(images.device)
+    boxes = to_device(boxes, images.device)
     if flip is not None:
-        flip = flip.to(images.device)
+        flip = to_device(flip, images.device)
     _, _, hgt, wid = images.shape
     wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
     wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
@@ -158,7 +168,7 @@ def resized_crop(images, boxes, size, kind='bilinear', flip=None):
 
 
 def _per_sample(v, x):
-    return v.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    return to_device(v, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
 def rgb_to_gray(x):
@@ -226,7 +236,7 @@ def box_blur(x, sigma, passes=3):
     `passes` vertical ones, each with the edge pixel repeated (replicate padding), in float (PIL
     rounds to uint8 after each pass)."""
     n, c, hgt, wid = x.shape
-    k = pil_box_kernels(sigma, passes).to(x.device).repeat_interleave(c, 0)  # (N C) x (2R+1)
+    k = to_device(pil_box_kernels(sigma, passes), x.device).repeat_interleave(c, 0)  # (N C) x (2R+1)
     rad = (k.shape[1] - 1) // 2
     y = x.reshape(1, n * c, hgt, wid)
     for _ in range(passes):
@@ -243,7 +253,7 @@ def solarize(x, threshold=128 / 255):
 
 def rotate90(x, k):
     """Rotates image i by k[i] x 90 degrees counter-clockwise (torch.rot90 in the (H, W) plane)."""
-    k = k.to(x.device).view(-1, 1, 1, 1) % 4
+    k = to_device(k, x.device).view(-1, 1, 1, 1) % 4
     out = x
     for r in (1, 2, 3):
         out = torch.where(k == r, torch.rot90(x, r, (2, 3)), out)
@@ -251,8 +261,8 @@ def rotate90(x, k):
 
 
 def normalize(x, mean, std):
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m = to_device(torch.tensor(mean), x.device, x.dtype).view(1, -1, 1, 1)
+    s = to_device(torch.tensor(std), x.device, x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -260,7 +270,7 @@ def _where_on(fn, x, on, *params):
     """fn(x, *params) for the samples where `on`, x elsewhere. On CUDA computed for all and selected
     (no host sync); on CPU only for the selected samples."""
     if x.is_cuda:
-        return torch.where(on.to(x.device).view(-1, 1, 1, 1), fn(x, *params), x)
+        return torch.where(to_device(on, x.device).view(-1, 1, 1, 1), fn(x, *params), x)
     idx = on.cpu().nonzero().squeeze(1)
     if len(idx) == 0:
         return x
@@ -298,8 +308,8 @@ class Jitter:
         return dict(on=on, factors=factors, order=order)
 
     def apply(self, x, p):
-        on = p['on'].to(x.device)
-        factors, order = p['factors'].to(x.device, x.dtype), p['order'].to(x.device)
+        on = to_device(p['on'], x.device)
+        factors, order = to_device(p['factors'], x.device, x.dtype), to_device(p['order'], x.device)
         hue_on = on if self.ranges[3] is not None else torch.zeros_like(on)
         for k in range(4):  # position k of each sample's own order
             op = order[:, k]
@@ -323,7 +333,7 @@ class Gray:
         return dict(on=bernoulli(n, self.p, gen))
 
     def apply(self, x, p):
-        return torch.where(p['on'].to(x.device).view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
+        return torch.where(to_device(p['on'], x.device).view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
 
 
 class Blur:
@@ -349,7 +359,7 @@ class Solarize:
         return dict(on=bernoulli(n, self.p, gen))
 
     def apply(self, x, p):
-        return torch.where(p['on'].to(x.device).view(-1, 1, 1, 1), solarize(x), x)
+        return torch.where(to_device(p['on'], x.device).view(-1, 1, 1, 1), solarize(x), x)
 
 
 class Recipe:

@@ -324,10 +324,11 @@ class DeviceAugLoader:
         return len(self.sampler) // self.bs
 
     def _from_memory(self):
+        from .batch_aug import to_device
         keys = [i for i, _ in self.sampler]
         for b in range(len(keys) // self.bs):
             idx = torch.tensor(keys[b * self.bs:(b + 1) * self.bs])
-            yield self.memory[(idx % len(self.memory)).to(self.device)], self.labels[idx], idx
+            yield self.memory[to_device(idx % len(self.memory), self.device)], self.labels[idx], idx
 
     def _decode(self, data, idx):
         import torchvision.io as io

@@ -107,9 +107,12 @@ class LARS(torch.optim.Optimizer):
     (wd 0, lars_exclude) is expressed with param groups (--param-group), as OpenSelfSup's configs.
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, lars_exclude=False):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, lars_exclude=False, foreach=None):
+        """foreach: one multi-tensor kernel per operation over a group (torch._foreach_*) instead of a
+        Python loop over its tensors; the same arithmetic. None = on when the parameters are on CUDA,
+        where the loop's ~10 small kernels per tensor cost more than the update itself."""
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=lars_exclude))
+                                      lars_exclude=lars_exclude, foreach=foreach))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,26 +121,59 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            wd, m, eta = group['weight_decay'], group['momentum'], group['eta']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group['lars_exclude']:
-                    trust = 1.0
-                else:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    denom = g_norm + wd * w_norm
-                    trust = torch.where((w_norm > 0) & (denom > 0), eta * w_norm / denom, torch.ones_like(w_norm))
-                d = g.add(p, alpha=wd) if wd else g.clone()
-                d.mul_(trust * group['lr'])
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = d
-                else:
-                    state['momentum_buffer'].mul_(m).add_(d)
-                p.sub_(state['momentum_buffer'])
+            params = [p for p in group['params'] if p.grad is not None]
+            if not params:
+                continue
+            foreach = group.get('foreach')  # absent in checkpoints of older versions
+            if foreach is None:
+                foreach = all(p.is_cuda for p in params)
+            (self._step_foreach if foreach else self._step_loop)(group, params)
         return loss
+
+    def _trust(self, group, w_norm, g_norm):
+        denom = g_norm + group['weight_decay'] * w_norm
+        return torch.where((w_norm > 0) & (denom > 0), group['eta'] * w_norm / denom, torch.ones_like(w_norm))
+
+    def _step_loop(self, group, params):
+        wd, m = group['weight_decay'], group['momentum']
+        for p in params:
+            g = p.grad
+            if group['lars_exclude']:
+                trust = 1.0
+            else:
+                trust = self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(g))
+            d = g.add(p, alpha=wd) if wd else g.clone()
+            d.mul_(trust * group['lr'])
+            state = self.state[p]
+            if 'momentum_buffer' not in state:
+                state['momentum_buffer'] = d
+            else:
+                state['momentum_buffer'].mul_(m).add_(d)
+            p.sub_(state['momentum_buffer'])
+
+    def _step_foreach(self, group, params):
+        wd, m = group['weight_decay'], group['momentum']
+        grads = [p.grad for p in params]
+        d = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)  # g + wd w
+        if group['lars_exclude']:
+            torch._foreach_mul_(d, group['lr'])
+        else:
+            w_norm = torch.stack(torch._foreach_norm(params))  # P
+            g_norm = torch.stack(torch._foreach_norm(grads))  # P
+            scale = self._trust(group, w_norm, g_norm) * group['lr']  # P: lr * trust per tensor
+            torch._foreach_mul_(d, list(scale.unbind()))
+        bufs, d_old = [], []
+        for p, dp in zip(params, d):
+            state = self.state[p]
+            if 'momentum_buffer' not in state:
+                state['momentum_buffer'] = dp  # buf = d on the first step
+            else:
+                bufs.append(state['momentum_buffer'])
+                d_old.append(dp)
+        if bufs:
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, d_old)  # buf = m buf + d
+        torch._foreach_sub_(params, [self.state[p]['momentum_buffer'] for p in params])
 
 
 @torch.no_grad()

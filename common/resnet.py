@@ -123,7 +123,8 @@ class ResNet(nn.Module):
         """Global-average-pooled layer4 feature (N x feat_dim), i.e. forward() without fc."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        # = flatten(avgpool(x)); a mean, whose CUDA backward has a deterministic kernel (--deterministic)
+        return x.mean((2, 3))
 
     def forward(self, x):
         return self.fc(self.pooled(x))

@@ -28,6 +28,9 @@ def add_run_args(p, output_dir, workers=8, device_aug=False):
                             'device (one image size, e.g. CIFAR); files = workers decode, the device augments; '
                             'jpeg = workers read, decode_jpeg on the device. off = the PIL reference path')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the networks (the first steps and the first kNN pass compile, '
+                        'about a minute each on a GPU)')
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
     g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
@@ -57,6 +60,15 @@ def autocast(args, device):
     """The --amp context for the forward pass (a no-op with --amp off)."""
     return torch.autocast(device_type=device.type, enabled=args.amp != 'off',
                           dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
+
+
+def compile_modules(args, *modules):
+    """--compile: torch.compile each module in place (nn.Module.compile keeps the state_dict names, so
+    checkpoints and backbone.pth are unchanged). Call it after Run(): the kNN baseline of Run()
+    evaluates a deep copy of the backbone, and a copy of a compiled module would run the original."""
+    if args.compile:
+        for m in modules:
+            m.compile()
 
 
 def memory_format(device):

@@ -157,3 +157,19 @@ def test_benchmark_script_passes_its_flags_and_the_methods(tmp_path):
                '--batch-size', '8', '--moco-k', '16')
     assert '--max-steps 3' in r.stdout  # 1 warm-up + 2 timed steps reached the method
     assert 'img/s over 2 steps (after 1 warm-up)' in r.stdout
+
+
+def test_compile_matches_eager(data64, straight, tmp_path):
+    """--compile (torch.compile of both encoders): the same losses as eager to float rounding over 4
+    steps, and a checkpoint with the same names (it resumes into an eager run)."""
+    out = tmp_path / 'c'
+    python('moco.py', data64, *SMALL, '--epochs', '3', '--deterministic', '--output-dir', out, '--max-steps', '4',
+           '--compile')
+    eager, compiled = losses(straight), losses(out)
+    assert len(compiled) == 4
+    for k, v in compiled.items():
+        assert abs(v - eager[k]) < 1e-4 * abs(eager[k]), (k, v, eager[k])
+    a, b = ckpt(straight), ckpt(out)
+    assert a['model'].keys() == b['model'].keys()
+    p = python('moco.py', data64, *SMALL, '--epochs', '1', '--output-dir', out, '--resume', 'auto')
+    assert 'resumed from' in p.stdout

@@ -1,0 +1,88 @@
+#!/bin/bash
+# One GPU session's checks and benchmarks, in order of value, each time-boxed so that one failure or
+# slow part does not cost the rest (docs/BENCHMARKS.md records what it printed).
+#
+#   OUT=output/device_check bash scripts/device_check.sh CIFAR10_TAR_GZ [SECONDS]
+#
+# CIFAR10_TAR_GZ: ../shared/data/cifar10/cifar10.tar.gz (copy it into the checkout to carry it along).
+# SECONDS: the whole budget (default 540). Parts:
+#   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
+#   2. CIFAR-10 ResNet-18 img/s of MoCo v2, SimCLR and BYOL, batch 512, bf16, --device-aug memory
+#      (scripts/benchmark.py), and MoCo through the PIL loader for comparison
+#   3. ResNet-50 224 px MoCo v2 img/s: synthetic uint8 input vs 500x375 JPEGs through each loader
+#   4. MoCo v2 CIFAR-10 time to accuracy (scripts/bench_cifar.py) with the epochs that fit the budget left
+#   5. what time remains: MoCo with --compile, augmentation-only throughput (scripts/bench_augment.py)
+set -u
+OUT=${OUT:-output/device_check}
+TAR=${1:?usage: device_check.sh CIFAR10_TAR_GZ [SECONDS]}
+BUDGET=${2:-540}
+T0=$(date +%s)
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+WORK=${WORK:-/tmp/selfsup_check}
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+part() { echo; echo "=== [t=$(($(date +%s) - T0)) s, $(left) s left] $*"; }
+result() { echo "$*" | tee -a "$OUT/results.txt"; }
+# bench NAME TIMEOUT ARGS...: scripts/benchmark.py under a time limit, its summary line into results.txt
+bench() {
+  local name=$1 limit=$2; shift 2
+  if [ "$(left)" -lt $((limit / 2)) ]; then result "$name: skipped (budget)"; return; fi
+  local line
+  line=$(timeout "$limit" $PY scripts/benchmark.py "$@" 2>&1 | tee /dev/stderr | grep -E 'img/s over') \
+    && result "$name: $line" || result "$name: FAILED or timed out (${limit} s)"
+}
+
+part "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
+  "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+nproc
+rm -rf "$WORK" && mkdir -p "$WORK" && tar xzf "$TAR" -C "$WORK"
+C10=$(dirname "$(find "$WORK" -maxdepth 3 -type d -name train | head -1)")
+echo "CIFAR-10 at $C10: $(find "$C10/train" -type f | wc -l) train, $(find "$C10/val" -type f | wc -l) val"
+
+part "1. CUDA tests"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_batch_aug.py::test_cuda_equals_cpu \
+  && result "CUDA tests: passed" || result "CUDA tests: FAILED"
+
+part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
+CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16"
+bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
+bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory --temperature 0.5
+bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory
+bench "moco-cifar PIL" 90 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
+
+part "3. ResNet-50 224 px MoCo v2 img/s, batch 256, bf16"
+timeout 60 $PY scripts/make_jpeg_set.py "$C10" "$WORK/jpeg500" --images 6400 -j 16
+R50="--v2 --moco-k 4096 -b 256 --amp bf16 --workers 16"
+bench "r50 synthetic (device aug)" 60 moco --steps 20 --warmup 10 -- synthetic:224 $R50 --device-aug memory
+bench "r50 jpeg500 PIL" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug off
+bench "r50 jpeg500 files" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug files
+bench "r50 jpeg500 jpeg" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug jpeg
+
+part "4. MoCo v2 CIFAR-10 time to accuracy"
+# epochs that fit what is left, keeping 100 s for start-up, the final kNN and part 5; epoch time
+# from part 2's MoCo figure (50,000 images per epoch)
+IMG_S=$(grep -E '^moco-cifar memory:' "$OUT/results.txt" | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
+if [ -n "$IMG_S" ]; then
+  EPOCHS=$($PY -c "print(max(0, min(200, int(($(left) - 100) * $IMG_S / 50000 * 0.85))))")
+  result "time to accuracy: $EPOCHS epochs fit ($IMG_S img/s, $(left) s left)"
+  if [ "$EPOCHS" -ge 5 ]; then
+    timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods moco --epochs "$EPOCHS" --workers 16 \
+      --output-dir "$WORK/bench_cifar" 2>&1 | tail -5 | tee -a "$OUT/results.txt"
+    cp "$WORK/bench_cifar/bench_cifar.json" "$OUT/" 2>/dev/null
+    cp "$WORK/bench_cifar/moco/log.jsonl" "$OUT/moco_cifar_log.jsonl" 2>/dev/null
+  fi
+else
+  result "time to accuracy: skipped (no MoCo img/s from part 2)"
+fi
+
+part "5. extras while time is left"
+bench "moco-cifar memory --compile" 150 moco --steps 60 --warmup 30 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99 --compile
+if [ "$(left)" -gt 40 ]; then
+  timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 224 --workers 16 \
+    --batch-size 256 --batches 8 --images 2048 | tee -a "$OUT/results.txt"
+fi
+part "done"
