@@ -46,9 +46,12 @@ class SplitBatchNorm(nn.BatchNorm2d):
         s = self.num_splits
         # fold the splits into channels: one BN call computes s independent batch statistics
         rm, rv = self.running_mean.repeat(s), self.running_var.repeat(s)
+        # (a channels_last input cannot be viewed so: reshape copies it, and the output goes back)
         out = nn.functional.batch_norm(
-            x.view(n // s, c * s, h, w), rm, rv, self.weight.repeat(s), self.bias.repeat(s),
+            x.reshape(n // s, c * s, h, w), rm, rv, self.weight.repeat(s), self.bias.repeat(s),
             True, self.momentum, self.eps).view(n, c, h, w)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
         # running stats: the mean over the splits (each split updated them with momentum)
         self.running_mean.copy_(rm.view(s, c).mean(0))
         self.running_var.copy_(rv.view(s, c).mean(0))

@@ -5,7 +5,8 @@
 #   OUT=output/device_check bash scripts/device_check.sh CIFAR10_TAR_GZ [SECONDS]
 #
 # CIFAR10_TAR_GZ: ../shared/data/cifar10/cifar10.tar.gz (copy it into the checkout to carry it along).
-# SECONDS: the whole budget (default 540). Parts:
+# SECONDS: the whole budget (default 540). MOCO_ONLY=1: part 2 measures MoCo only; RESERVE: seconds
+# kept back from part 4 (default 100). Parts:
 #   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
 #   2. CIFAR-10 ResNet-18 img/s of MoCo v2, SimCLR and BYOL, batch 512, bf16, --device-aug memory
 #      (scripts/benchmark.py), and MoCo through the PIL loader for comparison
@@ -50,8 +51,10 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_b
 part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
 CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16"
 bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
-bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory --temperature 0.5
-bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory
+if [ -z "${MOCO_ONLY:-}" ]; then
+  bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory --temperature 0.5
+  bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory
+fi
 bench "moco-cifar PIL" 90 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
 
 part "3. ResNet-50 224 px MoCo v2 img/s, batch 256, bf16"
@@ -63,11 +66,11 @@ bench "r50 jpeg500 files" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 
 bench "r50 jpeg500 jpeg" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug jpeg
 
 part "4. MoCo v2 CIFAR-10 time to accuracy"
-# epochs that fit what is left, keeping 100 s for start-up, the final kNN and part 5; epoch time
+# epochs that fit what is left, keeping RESERVE (100) s for start-up, the final kNN and part 5; epoch time
 # from part 2's MoCo figure (50,000 images per epoch)
 IMG_S=$(grep -E '^moco-cifar memory:' "$OUT/results.txt" | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
 if [ -n "$IMG_S" ]; then
-  EPOCHS=$($PY -c "print(max(0, min(200, int(($(left) - 100) * $IMG_S / 50000 * 0.85))))")
+  EPOCHS=$($PY -c "print(max(0, min(200, int(($(left) - ${RESERVE:-100}) * $IMG_S / 50000 * 0.85))))")
   result "time to accuracy: $EPOCHS epochs fit ($IMG_S img/s, $(left) s left)"
   if [ "$EPOCHS" -ge 5 ]; then
     timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods moco --epochs "$EPOCHS" --workers 16 \
