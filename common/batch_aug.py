@@ -160,9 +160,14 @@ def resized_crop(images, boxes, size, kind='bilinear', flip=None):
     boxes = to_device(boxes, images.device)
     if flip is not None:
         flip = to_device(flip, images.device)
-    _, _, hgt, wid = images.shape
-    wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
-    wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
+    n, _, hgt, wid = images.shape
+    if hgt == wid and size[0] == size[1]:  # square (e.g. CIFAR): both axes' weights in one call
+        w = resample_weights(torch.cat([boxes[:, 0], boxes[:, 1]]), torch.cat([boxes[:, 2], boxes[:, 3]]),
+                             hgt, size[0], kind, None if flip is None else torch.cat([torch.zeros_like(flip), flip]))
+        wy, wx = w[:n, None], w[n:, None]
+    else:
+        wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
+        wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
     x = (images @ wx.transpose(-1, -2)).clamp_(0, 1)  # NxCxHxSW
     return (wy @ x).clamp_(0, 1)  # NxCxSHxSW
 
@@ -171,9 +176,13 @@ def _per_sample(v, x):
     return to_device(v, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
+_LUMA = (0.2989, 0.587, 0.114)
+
+
 def rgb_to_gray(x):
     """Nx3xHxW -> Nx1xHxW, torchvision's weights (ITU-R 601-2 luma)."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * to_device(w, x.device)).sum(1, keepdim=True)
 
 
 def _blend(x, ref, f):
@@ -192,25 +201,24 @@ def adjust_saturation(x, f):
     return _blend(x, rgb_to_gray(x), _per_sample(f, x))
 
 
+_HSV_N = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+
+
 def adjust_hue(x, h):
     """Rotates the hue of each image by h (N, in turns, [-0.5, 0.5]) in HSV space; saturation and
-    value are kept."""
-    v, _ = x.max(1)
-    mn, _ = x.min(1)
-    c = v - mn
-    s = c / torch.where(c == 0, torch.ones_like(v), v)
-    cd = torch.where(c == 0, torch.ones_like(c), c)
-    r, g, b = x.unbind(1)
-    hue = torch.where(v == r, (g - b) / cd,                                 # red max: sector -1..1
-                      torch.where(v == g, 2.0 + (b - r) / cd, 4.0 + (r - g) / cd))  # green / blue max
-    hue = torch.where(c == 0, torch.zeros_like(hue), hue)
-    hue = torch.remainder(hue / 6.0 + _per_sample(h, x)[:, 0], 1.0)
-    # HSV -> RGB: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + 6.0 * hue, 6.0)
-        out.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1))
-    return torch.stack(out, 1).clamp(0, 1)
+    value are kept. Written with few whole-batch kernels (~25): on a GPU this op is bound by kernel
+    launches at small sizes and by memory passes at large ones."""
+    v = x.amax(1, keepdim=True)  # Nx1xHxW: value
+    c = v - x.amin(1, keepdim=True)  # chroma = v s
+    cd = torch.where(c == 0, 1.0, c)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    # hue in sextants [-1, 5): red max: (g - b)/c; green max: 2 + (b - r)/c; blue max: 4 + (r - g)/c
+    # (grey pixels, c = 0, come out as v whatever their hue)
+    hue = torch.where(v == r, g - b, torch.where(v == g, (b - r) + 2.0 * cd, (r - g) + 4.0 * cd)) / cd
+    hue = hue + 6.0 * _per_sample(h, x)
+    # HSV -> RGB: channel n in (R, G, B) = v - c clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6, n = 5, 3, 1
+    k = torch.remainder(hue + to_device(_HSV_N, x.device, x.dtype), 6.0)  # Nx3xHxW
+    return (v - c * torch.minimum(k, 4.0 - k).clamp(0, 1)).clamp(0, 1)
 
 
 def pil_box_kernels(sigma, passes=3):
@@ -267,16 +275,17 @@ def normalize(x, mean, std):
 
 
 def _where_on(fn, x, on, *params):
-    """fn(x, *params) for the samples where `on`, x elsewhere. On CUDA computed for all and selected
-    (no host sync); on CPU only for the selected samples."""
-    if x.is_cuda:
-        return torch.where(to_device(on, x.device).view(-1, 1, 1, 1), fn(x, *params), x)
-    idx = on.cpu().nonzero().squeeze(1)
+    """fn(x, *params) for the samples where `on` (a CPU mask: the parameters are drawn there), x
+    elsewhere. Only the selected samples are computed; their indices come from the CPU mask, so the
+    device is never waited for."""
+    on = on.cpu()
+    if bool(on.all()):
+        return fn(x, *params)
+    idx = on.nonzero().squeeze(1)
     if len(idx) == 0:
         return x
-    x = x.clone()
-    x[idx] = fn(x[idx], *[p.cpu()[idx] for p in params])
-    return x
+    sel = to_device(idx, x.device)
+    return x.index_copy(0, sel, fn(x.index_select(0, sel), *[p.cpu()[idx] for p in params]))
 
 
 # ---------------------------------------------------------------- recipe steps (sample, then apply)
@@ -308,18 +317,22 @@ class Jitter:
         return dict(on=on, factors=factors, order=order)
 
     def apply(self, x, p):
-        on = to_device(p['on'], x.device)
-        factors, order = to_device(p['factors'], x.device, x.dtype), to_device(p['order'], x.device)
-        hue_on = on if self.ranges[3] is not None else torch.zeros_like(on)
-        for k in range(4):  # position k of each sample's own order
-            op = order[:, k]
-            f = torch.where(on & (op < 3), factors.gather(1, op[:, None]).squeeze(1), torch.ones_like(factors[:, 0]))
-            f = f.view(-1, 1, 1, 1)
+        on, factors, order = p['on'], p['factors'], p['order']  # CPU: the plan is made there
+        # position k of each sample's own order: brightness, contrast and saturation are all a blend
+        # f x + (1 - f) ref with ref = 0, the image's mean grey or its grey; f = 1 where the op is
+        # elsewhere or jitter is off. Nx4 each, one copy to the device.
+        blend = on[:, None] & (order < 3)
+        f = torch.where(blend, factors.gather(1, order.clamp(max=2)), torch.ones(()))
+        w_gray = (blend & (order == 2)).to(f.dtype)  # ref = grey (saturation)
+        w_mean = (blend & (order == 1)).to(f.dtype)  # ref = mean grey (contrast)
+        plan = to_device(torch.stack([f, 1.0 - f, w_gray, w_mean], 0), x.device, x.dtype)  # 4xNx4
+        hue_on = on[:, None] & (order == 3) if self.ranges[3] is not None else torch.zeros_like(order, dtype=torch.bool)
+        for k in range(4):
+            fk, gk, sk, ck = (plan[i, :, k].view(-1, 1, 1, 1) for i in range(4))
             gray = rgb_to_gray(x)
-            ref = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(gray),
-                              torch.where((op == 1).view(-1, 1, 1, 1), gray.mean((1, 2, 3), keepdim=True), gray))
-            x = _blend(x, ref, f)
-            x = _where_on(adjust_hue, x, hue_on & (op == 3), factors[:, 3])
+            ref = gray * sk + gray.mean((2, 3), keepdim=True) * ck
+            x = torch.addcmul(ref * gk, x, fk).clamp_(0, 1)
+            x = _where_on(adjust_hue, x, hue_on[:, k], factors[:, 3])
         return x
 
 
