@@ -160,14 +160,9 @@ def resized_crop(images, boxes, size, kind='bilinear', flip=None):
     boxes = to_device(boxes, images.device)
     if flip is not None:
         flip = to_device(flip, images.device)
-    n, _, hgt, wid = images.shape
-    if hgt == wid and size[0] == size[1]:  # square (e.g. CIFAR): both axes' weights in one call
-        w = resample_weights(torch.cat([boxes[:, 0], boxes[:, 1]]), torch.cat([boxes[:, 2], boxes[:, 3]]),
-                             hgt, size[0], kind, None if flip is None else torch.cat([torch.zeros_like(flip), flip]))
-        wy, wx = w[:n, None], w[n:, None]
-    else:
-        wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
-        wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
+    _, _, hgt, wid = images.shape
+    wy = resample_weights(boxes[:, 0], boxes[:, 2], hgt, size[0], kind)[:, None]  # Nx1xSHxH
+    wx = resample_weights(boxes[:, 1], boxes[:, 3], wid, size[1], kind, flip)[:, None]  # Nx1xSWxW
     x = (images @ wx.transpose(-1, -2)).clamp_(0, 1)  # NxCxHxSW
     return (wy @ x).clamp_(0, 1)  # NxCxSHxSW
 

@@ -9,8 +9,9 @@ Counted in source images per second (each gives two views). Paths:
   pil     DataLoader(--workers) decoding and augmenting with PIL, as the default training path;
   files   DataLoader(--workers) decoding to uint8, the batch augmented on --device (--device-aug files);
   memory  the decoded set already on --device, augmentation only (--device-aug memory).
-For 224 px the first --images train images are upsampled to 256x256 (bicubic) and saved as JPEG
-(quality 95) in a temporary folder, so both paths decode real JPEGs of ImageNet-like size.
+For sizes above 64 px, --images train images are upsampled to 256x256 (bicubic) and saved as JPEG
+(quality 95) in a temporary folder (scripts/make_jpeg_set.py), so both paths decode real JPEGs. The
+worker paths are timed after 2 x workers + 2 untimed batches, which drain what the workers prefetched.
 """
 import argparse
 import os
@@ -20,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import augment, data  # noqa: E402
+from scripts.make_jpeg_set import make_jpeg_set  # noqa: E402
 
 RECIPES = {
     'moco_v2': lambda s: augment.MultiView(augment.moco_v2(s, blur=s >= 64), augment.moco_v2(s, blur=s >= 64)),
@@ -31,18 +32,10 @@ RECIPES = {
 }
 
 
-def upsampled_copy(src, n, size, out):
-    """ImageNet-layout copy of the first n train images of `src`, resized to size x size."""
-    samples, _ = data.scan(src)
-    for path, label in samples[:n]:
-        d = Path(out) / 'train' / f'c{label}'
-        d.mkdir(parents=True, exist_ok=True)
-        Image.open(path).convert('RGB').resize((size, size), Image.BICUBIC).save(d / Path(path).name, quality=95)
-    return out
-
-
 def measure(loader, sampler, batches, warmup=1):
-    """Source images per second over `batches` batches after `warmup` untimed ones."""
+    """Source images per second over `batches` batches after `warmup` untimed ones. For a worker
+    loader, pass warmup > workers x prefetch factor: the batches the workers made while the first was
+    awaited come out at once and would inflate the rate."""
     sampler.set_epoch(0)
     it = iter(loader)
     for _ in range(warmup):
@@ -68,7 +61,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch threads of the main process (default: torch\'s)')
     p.add_argument('--batch-size', type=int, default=None, help='default 256 at 32 px, 64 above')
     p.add_argument('--batches', type=int, default=None, help='timed batches (default 8 at 32 px, 4 above)')
-    p.add_argument('--images', type=int, default=1024, help='images in the upsampled 224-px copy')
+    p.add_argument('--images', type=int, default=None,
+                   help='images in the upsampled copy for sizes above 64 px (default: as many as the batches need)')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,17 +74,20 @@ def main(argv=None):
         big = None
         for size in args.sizes:
             root = args.data
-            if size > 64:
-                big = big or upsampled_copy(args.data, args.images, 256, tmp)
-                root = big
             bs = args.batch_size or (256 if size <= 64 else 64)
             batches = args.batches or (8 if size <= 64 else 4)
+            warmup = 2 * args.workers + 2  # drains what the workers prefetched (prefetch factor 2)
+            if size > 64:
+                big = big or make_jpeg_set(args.data, tmp, args.images or (warmup + batches) * bs, (256, 256), 95,
+                                           max(1, args.workers))
+                root = big
             for name in args.recipes:
                 for path in args.paths:
                     mode = 'off' if path == 'pil' else path
                     _, sampler, loader = data.train_loader(root, RECIPES[name](size), bs, 0, 1, 0, args.workers,
                                                            device, mode)
-                    print(f'{name:8} {size:4} {path:7} {measure(loader, sampler, batches):8.0f}', flush=True)
+                    rate = measure(loader, sampler, batches, warmup if path != 'memory' else 1)
+                    print(f'{name:8} {size:4} {path:7} {rate:8.0f}', flush=True)
                     del loader
     print(f'load average {os.getloadavg()[0]:.1f} at the end')
 

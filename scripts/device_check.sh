@@ -86,6 +86,6 @@ part "5. extras while time is left"
 bench "moco-cifar memory --compile" 150 moco --steps 60 --warmup 30 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99 --compile
 if [ "$(left)" -gt 40 ]; then
   timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 224 --workers 16 \
-    --batch-size 256 --batches 8 --images 2048 | tee -a "$OUT/results.txt"
+    --batch-size 256 --batches 8 | tee -a "$OUT/results.txt"
 fi
 part "done"

@@ -25,6 +25,23 @@ def _convert(job):
     Image.open(src).convert('RGB').resize(size, Image.BICUBIC).save(dst, quality=quality)
 
 
+def make_jpeg_set(data, out, images, size=(500, 375), quality=90, workers=8):
+    """Writes `images` train images of `data`, spread evenly over it, as size[0] x size[1] JPEGs into
+    out/train/<class>/; returns out."""
+    samples, classes = scan(data)
+    if len(samples) < images:
+        raise SystemExit(f'{data}: {len(samples)} train images, fewer than the {images} asked for')
+    step = len(samples) // images
+    jobs = []
+    for path, label in samples[::step][:images]:
+        d = Path(out) / 'train' / classes[label]
+        d.mkdir(parents=True, exist_ok=True)
+        jobs.append((path, d / (Path(path).stem + '.jpg'), tuple(size), quality))
+    with Pool(workers) as pool:
+        pool.map(_convert, jobs, chunksize=64)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -35,19 +52,8 @@ def main(argv=None):
     p.add_argument('--quality', type=int, default=90)
     p.add_argument('-j', '--workers', type=int, default=8)
     args = p.parse_args(argv)
-    samples, classes = scan(args.data)
-    if len(samples) < args.images:
-        raise SystemExit(f'{args.data}: {len(samples)} train images, fewer than --images {args.images}')
-    # spread over the classes: every len/images-th sample
-    step = len(samples) // args.images
-    jobs = []
-    for path, label in samples[::step][:args.images]:
-        d = Path(args.out) / 'train' / classes[label]
-        d.mkdir(parents=True, exist_ok=True)
-        jobs.append((path, d / (Path(path).stem + '.jpg'), tuple(args.size), args.quality))
-    with Pool(args.workers) as pool:
-        pool.map(_convert, jobs, chunksize=64)
-    print(f'{len(jobs)} JPEGs of {args.size[0]}x{args.size[1]} in {args.out}')
+    make_jpeg_set(args.data, args.out, args.images, args.size, args.quality, args.workers)
+    print(f'{args.images} JPEGs of {args.size[0]}x{args.size[1]} in {args.out}')
 
 
 if __name__ == '__main__':
