@@ -132,6 +132,18 @@ def test_split_batchnorm_matches_per_group_bn():
                                                            sbn.bias, False), atol=1e-6)
 
 
+def test_split_batchnorm_channels_last():
+    """A channels_last input (the CUDA layout; a plain view of it used to fail) gives the same
+    output and running statistics as the NCHW input, and stays channels_last for the next conv."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    a, b = SplitBatchNorm(3, num_splits=2), SplitBatchNorm(3, num_splits=2)
+    out_a, out_b = a(x), b(x.contiguous(memory_format=torch.channels_last))
+    assert out_b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    assert torch.allclose(a.running_mean, b.running_mean) and torch.allclose(a.running_var, b.running_var)
+
+
 def test_v2_switch_and_demo_defaults():
     a = parse_args(['/data', '--v2'])
     assert (a.mlp, a.moco_t, a.aug_plus, a.cos) == (True, 0.2, True, True)
