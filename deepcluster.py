@@ -47,6 +47,7 @@ Choices (OSS unless said), and deviations:
     copies a round peaks at ~13.5 GB of host memory, see scripts/bench_clustering.py).
 """
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -55,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, cluster, dist, optim
-from common.data import SAMPLE_DATA, EpochSampler, build_dataset, loader_kwargs
+from common.data import SAMPLE_DATA, EpochSampler, build_dataset, train_loader
 from common.features import iter_features
 from common.log import TrainMeter, peak_memory_mb, start_run
 from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
@@ -92,7 +93,7 @@ def get_parser():
     g.add_argument('--wd', type=float, default=1e-5, help='weight decay')
     optim.add_param_group_arg(g, default=[r'^head\.:momentum=0'],
                               note='added to the default (head without momentum, OSS)')
-    g = add_run_args(p, 'output/deepcluster')
+    g = add_run_args(p, 'output/deepcluster', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--min-crop', type=float, default=0.08, help='smallest RandomResizedCrop area (share of the image)')
     return p
@@ -173,18 +174,11 @@ def main(argv=None):
 
     # ============ data ============
     local_bs = args.batch_size // world
-    if args.batch_size % world:
-        raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by the '
-                         f'number of processes ({world})')
-    try:
-        train_set = build_dataset(args.data, augment.deepcluster(args.crop_size, args.min_crop), seed=args.seed)
-        feat_set = build_dataset(args.data, augment.eval_transform(args.crop_size), 'train')  # same order
-        sampler = UniformClusterSampler(len(train_set), args.batch_size, rank, world, args.seed,
-                                        args.num_clusters, args.quota)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'data: {e}') from None
-    loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                                         **loader_kwargs(args.workers, device))
+    train_set, sampler, loader = train_loader(
+        args.data, augment.deepcluster(args.crop_size, args.min_crop), args.batch_size, rank, world, args.seed,
+        args.workers, device, args.device_aug,
+        functools.partial(UniformClusterSampler, k=args.num_clusters, quota=args.quota))
+    feat_set = build_dataset(args.data, augment.eval_transform(args.crop_size), 'train')  # same order
     n, k = len(train_set), args.num_clusters
     if n < k:
         raise SystemExit(f'--num-clusters {k} is more than the {n} training images; use fewer clusters '

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, cluster, dist, optim
-from common.data import SAMPLE_DATA, EpochSampler, build_dataset, loader_kwargs
+from common.data import SAMPLE_DATA, EpochSampler, build_dataset, train_loader
 from common.knn import extract_features
 from common.log import TrainMeter, start_run
 from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
@@ -79,7 +79,7 @@ def get_parser():
     g.add_argument('--wd', type=float, default=1e-5, help='weight decay')
     optim.add_param_group_arg(g, default=[r'^head\.:momentum=0'],
                               note='added to the default (head without momentum, OSS)')
-    g = add_run_args(p, 'output/odc')
+    g = add_run_args(p, 'output/odc', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--min-crop', type=float, default=0.08, help='smallest RandomResizedCrop area (share of the image)')
     return p
@@ -261,16 +261,9 @@ def main(argv=None):
 
     # ============ data ============
     local_bs = args.batch_size // world
-    if args.batch_size % world:
-        raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by the '
-                         f'number of processes ({world})')
-    try:
-        train_set = build_dataset(args.data, augment.deepcluster(args.crop_size, args.min_crop), seed=args.seed)
-        sampler = ReplacementSampler(len(train_set), args.batch_size, rank, world, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'data: {e}') from None
-    loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                                         **loader_kwargs(args.workers, device))
+    train_set, sampler, loader = train_loader(args.data, augment.deepcluster(args.crop_size, args.min_crop),
+                                              args.batch_size, rank, world, args.seed, args.workers, device,
+                                              args.device_aug, ReplacementSampler)
     n, k = len(train_set), args.num_clusters
     if n < k * args.min_cluster:
         raise SystemExit(f'--num-clusters {k} x --min-cluster {args.min_cluster} = {k * args.min_cluster} is more '

@@ -263,6 +263,27 @@ def rotate90(x, k):
     return out
 
 
+def rotate(x, angle):
+    """PIL's Image.rotate(angle, NEAREST, expand=False, fillcolor=0) of each image (angle: N degrees,
+    counter-clockwise, about the centre (W/2, H/2)), as torchvision's RandomRotation calls it: output
+    pixel (x, y) takes the source pixel floor(M (x + 0.5, y + 0.5)) of PIL's inverse affine matrix M
+    (cos and sin rounded to 15 decimals as PIL does), black where that falls outside the image."""
+    n, c, hgt, wid = x.shape
+    a = -torch.deg2rad(angle.double())
+    cos, sin = torch.round(torch.cos(a), decimals=15), torch.round(torch.sin(a), decimals=15)
+    cx, cy = wid / 2, hgt / 2
+    m = torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], 1)
+    m = to_device(m, x.device).view(n, 6, 1, 1)
+    xs = (torch.arange(wid, dtype=torch.float64, device=x.device) + 0.5).view(1, 1, wid)
+    ys = (torch.arange(hgt, dtype=torch.float64, device=x.device) + 0.5).view(1, hgt, 1)
+    sx = torch.floor(m[:, 0] * xs + m[:, 1] * ys + m[:, 2])  # NxHxW source column
+    sy = torch.floor(m[:, 3] * xs + m[:, 4] * ys + m[:, 5])  # NxHxW source row
+    inside = (sx >= 0) & (sx < wid) & (sy >= 0) & (sy < hgt)
+    idx = (sy.clamp(0, hgt - 1) * wid + sx.clamp(0, wid - 1)).long().view(n, 1, -1).expand(n, c, -1)
+    out = x.flatten(2).gather(2, idx).view(n, c, hgt, wid)
+    return torch.where(inside[:, None], out, 0.0)
+
+
 def normalize(x, mean, std):
     m = to_device(torch.tensor(mean), x.device, x.dtype).view(1, -1, 1, 1)
     s = to_device(torch.tensor(std), x.device, x.dtype).view(1, -1, 1, 1)
@@ -370,6 +391,19 @@ class Solarize:
         return torch.where(to_device(p['on'], x.device).view(-1, 1, 1, 1), solarize(x), x)
 
 
+class Rotate:
+    """RandomRotation(degrees) with nearest resampling, no expansion, black fill: angle ~ U(degrees)."""
+
+    def __init__(self, degrees, p=1.0):
+        self.degrees, self.p = tuple(degrees), p
+
+    def sample(self, n, gen):
+        return dict(on=bernoulli(n, self.p, gen), angle=uniform(n, *self.degrees, gen))
+
+    def apply(self, x, p):
+        return _where_on(rotate, x, p['on'], p['angle'])
+
+
 class Recipe:
     """One view: crop (+ flip) on the uint8 source, then `ops` in order, then normalisation.
     recipe(images, gen) -> float NxCxSxS; sample(sizes, gen) / apply(images, params) separately."""
@@ -425,6 +459,12 @@ def _step(op, p=1.0):
         return Blur(op.sigma, p)
     if isinstance(op, augment.Solarize):
         return Solarize(p)
+    if isinstance(op, T.RandomRotation):
+        fill = op.fill if isinstance(op.fill, (list, tuple)) else [op.fill]
+        if op.interpolation != T.InterpolationMode.NEAREST or op.expand or op.center is not None or any(fill):
+            raise ValueError('RandomRotation has a batched equivalent only with nearest resampling, no expand, '
+                             'the default centre and fill 0')
+        return Rotate(op.degrees, p)
     raise ValueError(f'{type(op).__name__} has no batched equivalent')
 
 

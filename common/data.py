@@ -187,19 +187,23 @@ def loader_kwargs(workers, device):
     return kw
 
 
-def train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug='off'):
-    """(dataset, EpochSampler, DataLoader) for pre-training, with one-line errors for bad input.
+def train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug='off',
+                 sampler=None):
+    """(dataset, sampler, DataLoader) for pre-training, with one-line errors for bad input.
     `global_batch` is split evenly over the `world` processes. device_aug != 'off': the loader yields
     the same structure, augmented on `device` by the batched equivalent of `transform` (see
-    device_train_loader)."""
+    device_train_loader). sampler: an EpochSampler class (default EpochSampler), called as
+    sampler(len(dataset), global_batch, rank, world, seed)."""
+    sampler = sampler or EpochSampler
     if global_batch % world:
         raise SystemExit(f'--batch-size {global_batch} is the global batch and must be divisible by the '
                          f'number of processes ({world})')
     if device_aug != 'off':
-        return device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug)
+        return device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug,
+                                   sampler)
     try:
         dataset = build_dataset(data, transform, seed=seed)
-        sampler = EpochSampler(len(dataset), global_batch, rank, world, seed)
+        sampler = sampler(len(dataset), global_batch, rank, world, seed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'data: {e}') from None
     loader = torch.utils.data.DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
@@ -359,7 +363,7 @@ class DeviceAugLoader:
             it += 1
 
 
-def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode):
+def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode, sampler=None):
     """train_loader's (dataset, EpochSampler, loader) for --device-aug `mode`: 'memory' (decode the
     whole set once into a uint8 tensor on the device; images of one size, e.g. CIFAR), 'files'
     (workers decode each batch with PIL, the device augments; any sizes, the crop reads the original
@@ -381,7 +385,7 @@ def device_train_loader(data, transform, global_batch, rank, world, seed, worker
         else:
             samples, classes = scan(data)
             dataset = Uint8Images(samples, classes, raw=mode == 'jpeg')
-        sampler = EpochSampler(len(dataset), global_batch, rank, world, seed)
+        sampler = (sampler or EpochSampler)(len(dataset), global_batch, rank, world, seed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'data: {e}') from None
     labels = torch.tensor(dataset.targets)

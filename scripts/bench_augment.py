@@ -11,7 +11,7 @@ Counted in source images per second (each gives two views). Paths:
   memory  the decoded set already on --device, augmentation only (--device-aug memory).
 For sizes above 64 px, --images train images are upsampled to 256x256 (bicubic) and saved as JPEG
 (quality 95) in a temporary folder (scripts/make_jpeg_set.py), so both paths decode real JPEGs. The
-worker paths are timed after 2 x workers + 2 untimed batches, which drain what the workers prefetched.
+worker paths are timed after 4 x workers + 2 untimed batches, which drain what the workers prefetched.
 """
 import argparse
 import os
@@ -76,7 +76,7 @@ def main(argv=None):
             root = args.data
             bs = args.batch_size or (256 if size <= 64 else 64)
             batches = args.batches or (8 if size <= 64 else 4)
-            warmup = 2 * args.workers + 2  # drains what the workers prefetched (prefetch factor 2)
+            warmup = 4 * args.workers + 2  # drains what the workers prefetched (prefetch factor 4)
             if size > 64:
                 big = big or make_jpeg_set(args.data, tmp, args.images or (warmup + batches) * bs, (256, 256), 95,
                                            max(1, args.workers))

@@ -124,6 +124,9 @@ EXPECTED = {
     'byol2': (augment.byol(224, 2), (0.08, 1.0), 'bicubic',
               [('Jitter', 0.8, [[0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1]]), ('Gray', 0.2, None),
                ('Blur', 0.1, (0.1, 2.0)), ('Solarize', 0.2, None)]),
+    'deepcluster': (augment.deepcluster(224), (0.08, 1.0), 'bilinear',
+                    [('Rotate', 1.0, (-2.0, 2.0)), ('Jitter', 1.0, [[0.6, 1.4], [0.6, 1.4], [0.0, 2.0], [-0.5, 0.5]]),
+                     ('Gray', 0.2, None)]),
     'moco_v2_32': (augment.moco_v2(32, blur=False), (0.2, 1.0), 'bilinear',
                    [('Jitter', 0.8, [[0.6, 1.4], [0.6, 1.4], [0.6, 1.4], [-0.1, 0.1]]), ('Gray', 0.2, None)]),
 }
@@ -151,14 +154,22 @@ def test_recipes_match_augment(name):
             assert op.sigma == extra
             assert extra[0] <= p['sigma'].min() and p['sigma'].max() <= extra[1]
             assert ks(p['sigma'], np.random.default_rng(0).uniform(*extra, n)) < ks_crit(n, n)
+        if kind == 'Rotate':  # torchvision RandomRotation.get_params: U(-2, 2) degrees
+            assert op.degrees == extra
+            torch.manual_seed(0)
+            tv = [T.RandomRotation.get_params(list(extra)) for _ in range(n)]
+            assert extra[0] <= p['angle'].min() and p['angle'].max() <= extra[1]
+            assert ks(p['angle'], tv) < ks_crit(n, n)
 
 
 def test_rotation_recipe_and_refusals():
     import rotation
     r = B.from_transform(rotation.rotation_augmentation(32))
     assert (r.crop.scale, r.crop.flip_p, r.ops) == ((0.08, 1.0), 0.5, [])
-    with pytest.raises(ValueError, match='RandomRotation has no batched equivalent'):
-        B.from_transform(augment.deepcluster(32))
+    with pytest.raises(ValueError, match='RandomRotation has a batched equivalent only with nearest'):
+        B.from_transform(T.Compose([T.RandomResizedCrop(32), T.RandomRotation(2, expand=True)]))
+    with pytest.raises(ValueError, match='RandomPerspective has no batched equivalent'):
+        B.from_transform(T.Compose([T.RandomResizedCrop(32), T.RandomPerspective()]))
     mv = B.from_transform(augment.MultiView(augment.byol(32, 1), augment.byol(32, 2)))
     assert mv.n_views == 2 and [len(v.ops) for v in mv.recipes] == [3, 4]
 
@@ -251,6 +262,23 @@ def test_blur_matches_pil(images):
     out = B.box_blur(x, sigma)
     d = (out - from_pil([p.filter(ImageFilter.GaussianBlur(s.item())) for p, s in zip(pil, sigma)])).abs()
     assert d.max() <= 3 * LEVEL and d.mean() <= LEVEL
+
+
+def test_rotate_matches_pil(images):
+    """RandomRotation's PIL rotate (nearest, centre, black fill) per sample: the same source pixel
+    except where PIL's 16.16 fixed-point coordinates round across a pixel border (here at most 0.5%
+    of an image's pixels, about 0.02% overall); angle 0 is exact. Checked at a non-square size too."""
+    pil, x = images
+    for h, w in ((32, 32), (35, 29)):
+        ims = [p.resize((w, h)) for p in pil]
+        xs = from_pil(ims)
+        angle = torch.linspace(-30, 30, len(ims))
+        angle[0] = 0.0
+        out = B.rotate(xs, angle)
+        ref = from_pil([TF.rotate(p, a.item()) for p, a in zip(ims, angle)])
+        differ = (out != ref).any(1).float().mean((1, 2))  # fraction of pixels per image
+        assert differ[0] == 0 and differ.max() <= 0.005 and differ.mean() <= 0.001, differ
+        assert (out[1:] == 0).all(1).any()  # corners filled black
 
 
 def test_rotate90(images):
@@ -346,8 +374,9 @@ def test_device_loaders(data64, tmp_path):
         s.set_epoch(1)
         halves.append(next(iter(loader))[2])
     assert sorted(torch.cat(halves).tolist()) == sorted(pil_first[2].tolist())
-    with pytest.raises(SystemExit, match='RandomRotation has no batched equivalent'):
-        data.train_loader(data64, augment.deepcluster(32), 16, 0, 1, 0, 0, cpu, 'memory')
+    with pytest.raises(SystemExit, match='RandomPerspective has no batched equivalent; drop --device-aug'):
+        data.train_loader(data64, T.Compose([T.RandomResizedCrop(32), T.RandomPerspective()]), 16, 0, 1, 0, 0, cpu,
+                          'memory')
     # differently sized images: refused in memory, a list batch in files mode
     root = tmp_path / 'mixed'
     root.mkdir()
@@ -387,7 +416,7 @@ def test_moco_device_aug_resume_is_exact(data64, tmp_path):
 
 
 def test_byol_simclr_rotation_npid_smoke(data64, tmp_path):
-    """Two steps of each wired method with --device-aug; odc/relative_loc have no flag."""
+    """Two steps of each wired method with --device-aug; relative_loc has no flag."""
     import byol
     import npid
     import rotation
@@ -406,6 +435,29 @@ def test_byol_simclr_rotation_npid_smoke(data64, tmp_path):
     import relative_loc
     with pytest.raises(SystemExit):
         relative_loc.parse_args([str(data64), '--device-aug', 'memory'])
+
+
+@pytest.mark.parametrize('method', ['odc', 'deepcluster'])
+def test_odc_deepcluster_device_aug_resume_is_exact(method, data64, tmp_path):
+    """ODC and DeepCluster (their own samplers: with replacement / uniform over clusters; the recipe
+    with the 2-degree rotation) on --device-aug memory: 3 steps + resume == 8 steps straight, bitwise."""
+    import importlib
+    mod = importlib.import_module(method)
+    small = ['--arch', 'resnet10', '--width', '8', '--cifar-stem', '--crop-size', '32', '--workers', '0',
+             '--print-freq', '1', '--seed', '0', '--batch-size', '16', '--num-clusters', '8']
+    small += ['--min-cluster', '6'] if method == 'odc' else ['--pca-dim', '16']
+    args = [str(data64), *small, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
+    try:
+        mod.main([*args, '--output-dir', str(tmp_path / 'a')])
+        mod.main([*args, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
+        mod.main([*args, '--output-dir', str(tmp_path / 'b'), '--resume', 'auto'])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = (torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True) for d in 'ab')
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    la, lb = ([r['loss'] for r in train_records(tmp_path / d)] for d in 'ab')
+    assert la == lb and len(la) == 8 and all(math.isfinite(v) for v in la)
 
 
 def test_bf16_autocast_moco_loss():
