@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from common import augment, checkpoint, dist, optim
+from common import augment, batch_aug as B, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.log import TrainMeter, start_run
 from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules
@@ -73,7 +73,7 @@ def get_parser():
     g.add_argument('--wd', type=float, default=1e-4, help='weight decay of the backbone')
     g.add_argument('--neck-wd', type=float, default=5e-4, help='weight decay of neck and head')
     optim.add_param_group_arg(g, note='override --neck-wd')
-    g = add_run_args(p, 'output/relative_loc')
+    g = add_run_args(p, 'output/relative_loc', device_aug=True)
     g.add_argument('--crop-size', type=int, default=255,
                    help='side of the square split into 3x3 cells; sets the whole patch geometry (see the '
                         'docstring; 32 for CIFAR)')
@@ -141,6 +141,69 @@ class PatchPairs:
         return (f'PatchPairs(resize {self.resize}, crop {self.grid}, cells {self.cell}, patches {self.patch}, '
                 f'{self.image.transforms[2]})')
 
+    def batched(self):
+        """The same transform for uint8 batches on the device (--device-aug)."""
+        return BatchedPatchPairs(self.resize, self.grid, self.cell, self.patch, self.image.transforms[2].p)
+
+
+class BatchedPatchPairs:
+    """PatchPairs for a batch of uint8 images (NxCxHxW, or a list of CxHxW) on any device:
+    batch(images, gen) -> Nx8x6xPxP. Resize + RandomCrop + the 9 patch crops are read off PIL's
+    resize weights (common.batch_aug.resample_weights): each patch's rows and columns are rows of the
+    resized image's weight matrices, so a patch costs two small matrix products and no full-size
+    resize; the values are PIL's resize without its uint8 rounding between the passes."""
+
+    def __init__(self, resize, grid, cell, patch, gray_p):
+        self.resize, self.grid, self.cell, self.patch, self.gray_p = resize, grid, cell, patch, gray_p
+
+    def out_size(self, h, w):
+        """torchvision Resize(int): shorter side -> resize, the other int(resize * long / short)."""
+        if h <= w:
+            return self.resize, int(self.resize * w / h)
+        return int(self.resize * h / w), self.resize
+
+    def sample(self, sizes, gen):
+        """Per image: RandomCrop offset (top, left) in the resized image, per cell the patch offset
+        (dy, dx) in [0, cell - patch], and the grey switch; torchvision's draws, in distribution."""
+        n = len(sizes)
+        out = torch.tensor([self.out_size(int(h), int(w)) for h, w in sizes])  # Nx2 resized (h, w)
+        span = (out - self.grid + 1).double()
+        tl = torch.floor(torch.rand(n, 2, generator=gen, dtype=torch.float64) * span).long()  # Nx2
+        off = torch.randint(0, self.cell - self.patch + 1, (n, 9, 2), generator=gen)  # Nx9x2 (dy, dx)
+        return dict(out=out, tl=tl, off=off, gray=B.bernoulli(n, self.gray_p, gen))
+
+    def _patches(self, x, out, tl, off):
+        """x: NxCxHxW float, one size; out: its resized (h, w); tl: Nx2; off: Nx9x2 -> Nx9xCxPxP
+        patches (row-major cells)."""
+        _, _, h, w = x.shape
+        cells = torch.arange(3) * self.cell
+        weights = []
+        for axis, (n, o) in enumerate(((h, int(out[0])), (w, int(out[1])))):
+            full = B.resample_weights(torch.zeros(1), torch.tensor([float(n)]), n, o, 'bilinear')[0]  # PIL's oxn
+            cell = cells.repeat_interleave(3) if axis == 0 else cells.repeat(3)  # cell row / column of 0..8
+            first = tl[:, axis, None] + cell + off[:, :, axis]  # Nx9 patch starts in the resized image
+            weights.append(B.to_device(full[first[..., None] + torch.arange(self.patch)], x.device))  # Nx9xPxn
+        wy, wx = weights
+        p = (x[:, None] @ wx.transpose(-1, -2)[:, :, None]).clamp_(0, 1)  # Nx9xCxHxP (columns first, as PIL)
+        return (wy[:, :, None] @ p).clamp_(0, 1)  # Nx9xCxPxP
+
+    def apply(self, images, params):
+        x = B.to_float(images)
+        if isinstance(x, list):  # any sizes: one image at a time
+            patches = torch.cat([self._patches(xi[None], params['out'][i], params['tl'][i:i + 1],
+                                               params['off'][i:i + 1]) for i, xi in enumerate(x)])
+        else:
+            patches = self._patches(x, params['out'][0], params['tl'], params['off'])
+        gray = B.rgb_to_gray(patches.flatten(0, 1)).view(*patches.shape[:2], 1, *patches.shape[3:])
+        on = B.to_device(params['gray'], patches.device).view(-1, 1, 1, 1, 1)
+        patches = torch.where(on, gray.expand_as(patches), patches)
+        patches = B.normalize(patches.flatten(0, 1), augment.IMAGENET_MEAN, augment.IMAGENET_STD).view_as(patches)
+        centre = patches[:, 4:5].expand(-1, 8, -1, -1, -1)
+        return torch.cat([patches[:, NEIGHBOURS], centre], 2)  # Nx8x6xPxP: [neighbour, centre]
+
+    def __call__(self, images, gen):
+        return self.apply(images, self.sample(B.image_sizes(images), gen))
+
 
 # ============ model ============
 
@@ -195,7 +258,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     train_set, sampler, loader = train_loader(args.data, pairs, args.batch_size, rank, world, args.seed,
-                                              args.workers, device)
+                                              args.workers, device, args.device_aug)
     iters = sampler.iters
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
               f'images = {8 * args.batch_size} pairs ({local_bs} images per process); {pairs}')

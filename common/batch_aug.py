@@ -470,7 +470,10 @@ def _step(op, p=1.0):
 
 def from_transform(t):
     """The batched equivalent of a PIL pipeline of common/augment.py (a Compose, or a MultiView of
-    them). Raises ValueError naming the first op it cannot reproduce."""
+    them), or what a method's own transform returns from its `batched()` method. Raises ValueError
+    naming the first op it cannot reproduce."""
+    if callable(getattr(t, 'batched', None)):
+        return t.batched()
     if isinstance(t, augment.MultiView):
         return MultiView(*[from_transform(v) for v in t.transforms])
     crop, flip_p, ops, mean, std = None, 0.0, [], None, None

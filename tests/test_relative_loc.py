@@ -241,3 +241,71 @@ def test_startup_errors(data64, tmp_path):
     with pytest.raises(SystemExit, match='does not exist'):
         relative_loc.main([str(tmp_path / 'nope'), *SMALL, '--output-dir', str(tmp_path / 'o')])
 
+
+
+# ---------------------------------------------------------------- --device-aug (BatchedPatchPairs)
+
+@pytest.mark.parametrize('crop, size', [(32, (32, 32)), (96, (60, 45))])
+def test_batched_pairs_match_pil(crop, size):
+    """BatchedPatchPairs with a set of parameters == the PIL steps with the same parameters (Resize,
+    crop at (top, left), grey, the nine patch crops, pairing): PIL rounds its two resize passes and
+    its 'L' conversion to uint8 (0.5 level each), the batched path keeps floats, so within 2 levels
+    and 0.5 on average. Upsampling (32 -> 38 px) and a non-square source are both covered."""
+    from common import batch_aug as B, data
+    files = sorted((REPO / 'data' / 'cifar10_sample' / 'train').glob('*/*.jpg'))[::300][:16]
+    ims = [Image.open(f).convert('RGB').resize(size) for f in files]
+    pp = PatchPairs(crop)
+    bp = pp.batched()
+    x = torch.stack([data.to_uint8(im) for im in ims])
+    params = bp.sample(B.image_sizes(x), torch.Generator().manual_seed(0))
+    assert params['gray'].any() and not params['gray'].all()
+    out = bp.apply(x, params)
+    ref = []
+    for i, im in enumerate(ims):
+        r = pp.image.transforms[0](im)  # Resize
+        top, left = params['tl'][i].tolist()
+        r = r.crop((left, top, left + pp.grid, top + pp.grid))
+        if params['gray'][i]:
+            r = r.convert('L').convert('RGB')
+        ps = []
+        for c in range(9):
+            dy, dx = params['off'][i, c].tolist()
+            t, l = (c // 3) * pp.cell + dy, (c % 3) * pp.cell + dx
+            ps.append(pp.to_tensor(r.crop((l, t, l + pp.patch, t + pp.patch))))
+        ref.append(torch.stack([torch.cat([ps[k], ps[4]]) for k in NEIGHBOURS]))
+    ref = torch.stack(ref)
+    assert out.shape == ref.shape == (16, 8, 6, pp.patch, pp.patch)
+    levels = ((out - ref) * torch.tensor(IMAGENET_STD * 2).view(1, 1, 6, 1, 1) * 255).abs()
+    assert levels.max() <= 2 and levels.mean() <= 0.5
+
+
+def test_batched_pairs_parameter_ranges():
+    """RandomCrop offsets uniform over [0, resized - grid], patch offsets uniform over
+    [0, cell - patch] per axis, grey with p = 0.66 (20,000 images, 6-sigma bounds)."""
+    bp = PatchPairs(255).batched()
+    n = 20000
+    p = bp.sample(torch.tensor([[300, 400]]).expand(n, 2), torch.Generator().manual_seed(0))
+    assert p['out'][0].tolist() == [292, 389]  # torchvision: int(292 * 400 / 300)
+    for axis, hi in ((0, 292 - 255), (1, 389 - 255)):
+        counts = torch.bincount(p['tl'][:, axis], minlength=hi + 1)
+        assert len(counts) == hi + 1 and counts.min() > 0
+        assert abs(counts.float().mean() - n / (hi + 1)) < 1e-6
+        assert (counts.float() - n / (hi + 1)).abs().max() < 6 * (n / (hi + 1)) ** 0.5
+    assert p['off'].min() == 0 and p['off'].max() == 85 - 64
+    assert abs(p['gray'].float().mean() - 0.66) < 6 * (0.66 * 0.34 / n) ** 0.5
+
+
+def test_device_aug_resume_is_exact(data64, tmp_path):
+    """relative_loc.py --device-aug memory: 3 steps + resume == 8 steps straight, bitwise."""
+    import relative_loc
+    args = [str(data64), *SMALL, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
+    try:
+        relative_loc.main([*args, '--output-dir', str(tmp_path / 'a')])
+        relative_loc.main([*args, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
+        relative_loc.main([*args, '--output-dir', str(tmp_path / 'b'), '--resume', 'auto'])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = ckpt(tmp_path / 'a'), ckpt(tmp_path / 'b')
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert losses(tmp_path / 'a') == losses(tmp_path / 'b') and len(losses(tmp_path / 'a')) == 8
