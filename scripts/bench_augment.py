@@ -32,6 +32,30 @@ RECIPES = {
 }
 
 
+def count_kernels(recipe, size, n=64):
+    """Ops of one two-view batch of n uint8 size x size images that touch an image-sized tensor (a
+    kernel launch each on a GPU, and at large sizes a memory pass): the parameter draws on small CPU
+    tensors and the view ops are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    views = ('view', 'select', 'unsqueeze', 'expand', 'slice', 'transpose', 'squeeze', 'alias')
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            big = max((t.numel() for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)), default=0)
+            if big >= n * size and not any(v in str(func) for v in views):
+                Count.ops += 1
+            return out
+
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    with Count():
+        recipe(x, torch.Generator().manual_seed(0))
+    return Count.ops
+
+
 def measure(loader, sampler, batches, warmup=1):
     """Source images per second over `batches` batches after `warmup` untimed ones. For a worker
     loader, pass warmup > workers x prefetch factor: the batches the workers made while the first was
@@ -58,12 +82,22 @@ def main(argv=None):
     p.add_argument('--paths', nargs='+', default=['pil', 'files', 'memory'], choices=['pil', 'files', 'memory'])
     p.add_argument('--device', default='cpu')
     p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--count-kernels', action='store_true',
+                   help='only count the image-sized ops of one batch of each recipe and size (no timing)')
     p.add_argument('--threads', type=int, default=None, help='torch threads of the main process (default: torch\'s)')
     p.add_argument('--batch-size', type=int, default=None, help='default 256 at 32 px, 64 above')
     p.add_argument('--batches', type=int, default=None, help='timed batches (default 8 at 32 px, 4 above)')
     p.add_argument('--images', type=int, default=None,
                    help='images in the upsampled copy for sizes above 64 px (default: as many as the batches need)')
     args = p.parse_args(argv)
+    if args.count_kernels:
+        from common import batch_aug
+        for size in args.sizes:
+            for name in args.recipes:
+                src = size if size <= 64 else round(size * 256 / 224)
+                print(f'{name:8} {size:4} px: {count_kernels(batch_aug.from_transform(RECIPES[name](size)), src)} '
+                      f'image-sized ops per two-view batch')
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
