@@ -488,3 +488,15 @@ def test_bench_cifar_smoke(data64, tmp_path):
     rows = json.load(open(tmp_path / 'bench_cifar.json'))['results']
     assert [r['method'] for r in rows] == ['moco'] and rows[0]['img_s'] > 0 and rows[0]['knn_top1'] is not None
     assert 'kNN top-1' in p.stdout
+
+
+def test_kernel_count_budget():
+    """Eager GPU cost in launches (scripts/bench_augment.py --count-kernels): a crop-only view (two
+    weight matrices, two products, normalise) stays under 80 image-sized ops and a MoCo v2 view under
+    250 (it was 359 before ColorJitter was rewritten: four positions of ~35 ops, a blend and the hue on
+    the subset whose op it is)."""
+    import rotation
+    from scripts.bench_augment import count_kernels
+    crop_only = count_kernels(B.from_transform(rotation.rotation_augmentation(32)), 32)
+    moco = count_kernels(B.from_transform(augment.moco_v2(32, blur=False)), 32)
+    assert 0 < crop_only < 80 and crop_only < moco < 250, (crop_only, moco)
