@@ -216,7 +216,7 @@ def main(argv=None):
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core.online, core.predictor, core.target)  # --compile
+    compile_modules(args, core.online, core.predictor, core.target, loader)  # --compile
     del ckpt
 
     # ============ training loop ============

@@ -210,7 +210,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core.backbone)  # --compile
+    compile_modules(args, core.backbone, loader)  # --compile
     del ckpt
     rnd = run.ckpt_extra.get('round', -1)  # the round whose labels are in core.labels (-1: none yet)
     run.extra.update(run.ckpt_extra)

@@ -195,7 +195,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'encoder_q', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core.encoder_q, core.encoder_k)  # --compile
+    compile_modules(args, core.encoder_q, core.encoder_k, loader)  # --compile
     del ckpt
 
     # ============ training loop ============

@@ -233,7 +233,7 @@ def main(argv=None):
         if (bank_labels < 0).any():
             raise SystemExit('--knn-every needs labelled training images (class folders); drop --knn-every')
     run = Run(args, core, 'encoder', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core.encoder)  # --compile
+    compile_modules(args, core.encoder, loader)  # --compile
     del ckpt
 
     # ============ training loop ============

@@ -281,7 +281,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device,
               knn_size=args.crop_size if args.crop_size < 64 else 224)  # whole images, as eval/knn.py sees them
-    compile_modules(args, core)  # --compile (the forward calls backbone.forward_stages)
+    compile_modules(args, core, loader)  # --compile (the forward calls backbone.forward_stages)
     del ckpt
 
     # ============ training loop ============

@@ -156,7 +156,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core)  # --compile (the forward calls backbone.pooled)
+    compile_modules(args, core, loader)  # --compile (the forward calls backbone.pooled)
     del ckpt
 
     # ============ training loop ============

@@ -211,7 +211,7 @@ def main(argv=None):
     optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd, eta=args.eta)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
-    compile_modules(args, core.backbone, core.head)  # --compile
+    compile_modules(args, core.backbone, core.head, loader)  # --compile
     del ckpt
 
     # ============ training loop ============

@@ -35,6 +35,8 @@ How each op corresponds to torchvision / PIL, and where it differs:
     11/255 inside the image (small sigma: PIL's 3-box kernel has heavier tails) and 30/255 at the
     border (reflect vs repeated edge), which is why it is not used.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -171,13 +173,20 @@ def _per_sample(v, x):
     return to_device(v, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
-_LUMA = (0.2989, 0.587, 0.114)
+_CONSTS = {}
+
+
+def _const(values, x):
+    """A small constant tensor on x's device and dtype, made once (no copy per batch)."""
+    key = (tuple(values), x.device, x.dtype)
+    if key not in _CONSTS:
+        _CONSTS[key] = torch.tensor(values, dtype=x.dtype).to(x.device)
+    return _CONSTS[key]
 
 
 def rgb_to_gray(x):
     """Nx3xHxW -> Nx1xHxW, torchvision's weights (ITU-R 601-2 luma)."""
-    w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * to_device(w, x.device)).sum(1, keepdim=True)
+    return (x * _const((0.2989, 0.587, 0.114), x).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _blend(x, ref, f):
@@ -196,9 +205,6 @@ def adjust_saturation(x, f):
     return _blend(x, rgb_to_gray(x), _per_sample(f, x))
 
 
-_HSV_N = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-
-
 def adjust_hue(x, h):
     """Rotates the hue of each image by h (N, in turns, [-0.5, 0.5]) in HSV space; saturation and
     value are kept. Written with few whole-batch kernels (~25): on a GPU this op is bound by kernel
@@ -212,11 +218,11 @@ def adjust_hue(x, h):
     hue = torch.where(v == r, g - b, torch.where(v == g, (b - r) + 2.0 * cd, (r - g) + 4.0 * cd)) / cd
     hue = hue + 6.0 * _per_sample(h, x)
     # HSV -> RGB: channel n in (R, G, B) = v - c clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6, n = 5, 3, 1
-    k = torch.remainder(hue + to_device(_HSV_N, x.device, x.dtype), 6.0)  # Nx3xHxW
+    k = torch.remainder(hue + _const((5.0, 3.0, 1.0), x).view(1, 3, 1, 1), 6.0)  # Nx3xHxW
     return (v - c * torch.minimum(k, 4.0 - k).clamp(0, 1)).clamp(0, 1)
 
 
-def pil_box_kernels(sigma, passes=3):
+def pil_box_kernels(sigma, passes=3, rad=None):
     """The 1-D kernel of one of PIL's `passes` box-blur passes that make GaussianBlur(radius=sigma)
     (Pillow BoxBlur.c: box radius r = l + a from Gwosdek et al. 2011, so that `passes` boxes have
     variance sigma^2; taps 1/(2r+1) at |x| <= l and the remainder split over |x| = l + 1, in PIL's
@@ -228,18 +234,19 @@ def pil_box_kernels(sigma, passes=3):
     r = r.float().double()  # PIL computes the radius in C float
     ww = torch.floor(2.0 ** 24 / (2 * r + 1))
     fw = torch.floor((2.0 ** 24 - (2 * lo + 1) * ww) / 2)
-    rad = int(lo.max()) + 1 if len(lo) else 1
+    if rad is None:  # the widest sample's (a fixed `rad` avoids reading sigma back from a device)
+        rad = int(lo.max()) + 1 if len(lo) else 1
     t = torch.arange(-rad, rad + 1, dtype=torch.float64, device=sigma.device).abs()[None]
     k = torch.where(t <= lo[:, None], ww[:, None], torch.where(t == lo[:, None] + 1, fw[:, None], 0.0))
     return (k / 2.0 ** 24).float()
 
 
-def box_blur(x, sigma, passes=3):
+def box_blur(x, sigma, passes=3, rad=None):
     """PIL's GaussianBlur(radius=sigma) per sample (sigma: N): `passes` horizontal box blurs, then
     `passes` vertical ones, each with the edge pixel repeated (replicate padding), in float (PIL
     rounds to uint8 after each pass)."""
     n, c, hgt, wid = x.shape
-    k = to_device(pil_box_kernels(sigma, passes), x.device).repeat_interleave(c, 0)  # (N C) x (2R+1)
+    k = to_device(pil_box_kernels(sigma, passes, rad), x.device).repeat_interleave(c, 0)  # (N C) x (2R+1)
     rad = (k.shape[1] - 1) // 2
     y = x.reshape(1, n * c, hgt, wid)
     for _ in range(passes):
@@ -285,15 +292,17 @@ def rotate(x, angle):
 
 
 def normalize(x, mean, std):
-    m = to_device(torch.tensor(mean), x.device, x.dtype).view(1, -1, 1, 1)
-    s = to_device(torch.tensor(std), x.device, x.dtype).view(1, -1, 1, 1)
+    m = _const(mean, x).view(1, -1, 1, 1)
+    s = _const(std, x).view(1, -1, 1, 1)
     return (x - m) / s
 
 
-def _where_on(fn, x, on, *params):
-    """fn(x, *params) for the samples where `on` (a CPU mask: the parameters are drawn there), x
-    elsewhere. Only the selected samples are computed; their indices come from the CPU mask, so the
-    device is never waited for."""
+def _where_on(fn, x, on, *params, static=False):
+    """fn(x, *params) for the samples where `on`, x elsewhere. Eager: only the selected samples are
+    computed, indexed from the CPU mask (the parameters are drawn there), so the device is never
+    waited for. static=True (compiled recipes): computed for all and selected, shapes fixed."""
+    if static:
+        return torch.where(to_device(on, x.device).view(-1, 1, 1, 1), fn(x, *params), x)
     on = on.cpu()
     if bool(on.all()):
         return fn(x, *params)
@@ -316,7 +325,7 @@ class Crop:
     def sample(self, sizes, gen):
         return dict(box=crop_params(sizes, self.scale, self.ratio, gen), flip=bernoulli(len(sizes), self.flip_p, gen))
 
-    def apply(self, images, p):
+    def apply(self, images, p, static=False):
         return resized_crop(images, p['box'], self.size, self.interpolation, p['flip'])
 
 
@@ -332,13 +341,13 @@ class Jitter:
         factors, order = jitter_params(n, *self.ranges, gen)
         return dict(on=on, factors=factors, order=order)
 
-    def apply(self, x, p):
-        on, factors, order = p['on'], p['factors'], p['order']  # CPU: the plan is made there
+    def apply(self, x, p, static=False):
+        on, factors, order = p['on'], p['factors'], p['order']  # CPU (eager): the plan is made there
         # position k of each sample's own order: brightness, contrast and saturation are all a blend
         # f x + (1 - f) ref with ref = 0, the image's mean grey or its grey; f = 1 where the op is
         # elsewhere or jitter is off. Nx4 each, one copy to the device.
         blend = on[:, None] & (order < 3)
-        f = torch.where(blend, factors.gather(1, order.clamp(max=2)), torch.ones(()))
+        f = torch.where(blend, factors.gather(1, order.clamp(max=2)), 1.0)
         w_gray = (blend & (order == 2)).to(f.dtype)  # ref = grey (saturation)
         w_mean = (blend & (order == 1)).to(f.dtype)  # ref = mean grey (contrast)
         plan = to_device(torch.stack([f, 1.0 - f, w_gray, w_mean], 0), x.device, x.dtype)  # 4xNx4
@@ -348,7 +357,7 @@ class Jitter:
             gray = rgb_to_gray(x)
             ref = gray * sk + gray.mean((2, 3), keepdim=True) * ck
             x = torch.addcmul(ref * gk, x, fk).clamp_(0, 1)
-            x = _where_on(adjust_hue, x, hue_on[:, k], factors[:, 3])
+            x = _where_on(adjust_hue, x, hue_on[:, k], factors[:, 3], static=static)
         return x
 
 
@@ -361,7 +370,7 @@ class Gray:
     def sample(self, n, gen):
         return dict(on=bernoulli(n, self.p, gen))
 
-    def apply(self, x, p):
+    def apply(self, x, p, static=False):
         return torch.where(to_device(p['on'], x.device).view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
 
 
@@ -370,11 +379,14 @@ class Blur:
 
     def __init__(self, sigma=(0.1, 2.0), p=1.0):
         self.sigma, self.p = tuple(sigma), p
+        self.rad = (pil_box_kernels(torch.tensor([float(max(sigma))])).shape[1] - 1) // 2  # the widest kernel's
 
     def sample(self, n, gen):
         return dict(on=bernoulli(n, self.p, gen), sigma=uniform(n, *self.sigma, gen))
 
-    def apply(self, x, p):
+    def apply(self, x, p, static=False):
+        if static:  # one kernel width for every batch: zero taps beyond a sample's own radius
+            return _where_on(functools.partial(box_blur, rad=self.rad), x, p['on'], p['sigma'], static=True)
         return _where_on(box_blur, x, p['on'], p['sigma'])
 
 
@@ -387,7 +399,7 @@ class Solarize:
     def sample(self, n, gen):
         return dict(on=bernoulli(n, self.p, gen))
 
-    def apply(self, x, p):
+    def apply(self, x, p, static=False):
         return torch.where(to_device(p['on'], x.device).view(-1, 1, 1, 1), solarize(x), x)
 
 
@@ -400,8 +412,8 @@ class Rotate:
     def sample(self, n, gen):
         return dict(on=bernoulli(n, self.p, gen), angle=uniform(n, *self.degrees, gen))
 
-    def apply(self, x, p):
-        return _where_on(rotate, x, p['on'], p['angle'])
+    def apply(self, x, p, static=False):
+        return _where_on(rotate, x, p['on'], p['angle'], static=static)
 
 
 class Recipe:
@@ -414,14 +426,23 @@ class Recipe:
     def sample(self, sizes, gen):
         return [self.crop.sample(sizes, gen)] + [op.sample(len(sizes), gen) for op in self.ops]
 
-    def apply(self, images, params):
+    def apply(self, images, params, static=False):
+        """static=True: every op computed for the whole batch and selected per sample, with fixed
+        shapes and no value read back (for torch.compile; `params` already on the device)."""
         x = self.crop.apply(to_float(images), params[0])
         for op, p in zip(self.ops, params[1:]):
-            x = op.apply(x, p)
+            x = op.apply(x, p, static)
         return x if self.mean is None else normalize(x, self.mean, self.std)
 
     def __call__(self, images, gen):
         return self.apply(images, self.sample(image_sizes(images), gen))
+
+    def compiled(self):
+        """This recipe with its apply compiled (torch.compile, static shapes): the draws stay on the
+        CPU generator (the same views as eager, to float rounding), are copied to the device in one
+        go, and the compiler fuses the several hundred eager kernels of a view into a few. A list
+        batch (images of several sizes) runs eagerly."""
+        return CompiledRecipe(self)
 
     def __repr__(self):
         return f'Recipe({self.crop.__dict__}, {[(type(o).__name__, o.__dict__) for o in self.ops]})'
@@ -436,6 +457,35 @@ class MultiView:
     def __call__(self, images, gen):
         images = to_float(images)  # converted once for all views
         return [r(images, gen) for r in self.recipes]
+
+    def compiled(self):
+        return MultiView(*[r.compiled() for r in self.recipes])
+
+
+class CompiledRecipe:
+    """Recipe.compiled(): recipe(images, gen) with the apply step compiled."""
+
+    def __init__(self, recipe):
+        self.recipe, self.warm = recipe, False
+        self.fn = torch.compile(functools.partial(recipe.apply, static=True), dynamic=False)
+
+    def __call__(self, images, gen):
+        params = self.recipe.sample(image_sizes(images), gen)
+        if isinstance(images, (list, tuple)):
+            return self.recipe.apply(images, params)
+        if not self.warm:  # one eager batch first: its constants (_const) are made outside the graph
+            self.recipe.apply(images, params)
+            self.warm = True
+        return self.fn(images, params_to(params, images.device))
+
+
+def params_to(params, device):
+    """A parameter tree of Recipe.sample (lists and dicts of tensors) on `device`."""
+    if isinstance(params, dict):
+        return {k: params_to(v, device) for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return [params_to(v, device) for v in params]
+    return to_device(params, device)
 
 
 def image_sizes(images):

@@ -327,6 +327,11 @@ class DeviceAugLoader:
     def __len__(self):
         return len(self.sampler) // self.bs
 
+    def compile(self):
+        """--compile: the batched augmentation compiled too (common.batch_aug.Recipe.compiled)."""
+        if hasattr(self.recipe, 'compiled'):
+            self.recipe = self.recipe.compiled()
+
     def _from_memory(self):
         from .batch_aug import to_device
         keys = [i for i, _ in self.sampler]

@@ -64,11 +64,14 @@ def autocast(args, device):
 
 def compile_modules(args, *modules):
     """--compile: torch.compile each module in place (nn.Module.compile keeps the state_dict names, so
-    checkpoints and backbone.pth are unchanged). Call it after Run(): the kNN baseline of Run()
-    evaluates a deep copy of the backbone, and a copy of a compiled module would run the original."""
+    checkpoints and backbone.pth are unchanged); a --device-aug loader among them compiles its
+    batched augmentation (a PIL DataLoader is left as it is). Call it after Run(): the kNN baseline
+    of Run() evaluates a deep copy of the backbone, and a copy of a compiled module would run the
+    original."""
     if args.compile:
         for m in modules:
-            m.compile()
+            if hasattr(m, 'compile'):
+                m.compile()
 
 
 def memory_format(device):

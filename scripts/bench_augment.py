@@ -82,6 +82,9 @@ def main(argv=None):
     p.add_argument('--paths', nargs='+', default=['pil', 'files', 'memory'], choices=['pil', 'files', 'memory'])
     p.add_argument('--device', default='cpu')
     p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--compile', action='store_true',
+                   help='compile the batched recipes (what --compile does with --device-aug); the first batch '
+                        'compiles and is not timed')
     p.add_argument('--count-kernels', action='store_true',
                    help='only count the image-sized ops of one batch of each recipe and size (no timing)')
     p.add_argument('--threads', type=int, default=None, help='torch threads of the main process (default: torch\'s)')
@@ -120,6 +123,8 @@ def main(argv=None):
                     mode = 'off' if path == 'pil' else path
                     _, sampler, loader = data.train_loader(root, RECIPES[name](size), bs, 0, 1, 0, args.workers,
                                                            device, mode)
+                    if args.compile and path != 'pil':
+                        loader.compile()
                     rate = measure(loader, sampler, batches, warmup if path != 'memory' else 1)
                     print(f'{name:8} {size:4} {path:7} {rate:8.0f}', flush=True)
                     del loader

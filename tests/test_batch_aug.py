@@ -500,3 +500,25 @@ def test_kernel_count_budget():
     crop_only = count_kernels(B.from_transform(rotation.rotation_augmentation(32)), 32)
     moco = count_kernels(B.from_transform(augment.moco_v2(32, blur=False)), 32)
     assert 0 < crop_only < 80 and crop_only < moco < 250, (crop_only, moco)
+
+
+def test_compiled_recipe_equals_eager(images, data64):
+    """--compile with --device-aug: Recipe.compiled() draws the same parameters (CPU generator) and,
+    computing every op for all samples and selecting (fixed shapes, fixed blur width), gives the
+    eager views to float rounding (fused kernels sum in another order); a loader's compile() swaps
+    in the compiled recipe. BYOL's two views cover blur, solarize and grey; DeepCluster's rotation."""
+    _, x = images
+    u8 = (x * 255).round().to(torch.uint8)
+    for t in (augment.MultiView(augment.byol(32, 1), augment.byol(32, 2)), augment.deepcluster(24)):
+        r = B.from_transform(t)
+        eager, comp = r(u8, torch.Generator().manual_seed(1)), r.compiled()(u8, torch.Generator().manual_seed(1))
+        eager, comp = (v if isinstance(v, list) else [v] for v in (eager, comp))
+        for a, b in zip(eager, comp):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+    aug = augment.moco_v2(32, blur=False)
+    _, s, loader = data.train_loader(data64, aug, 16, 0, 1, 0, 0, torch.device('cpu'), 'memory')
+    s.set_epoch(0)
+    ref = next(iter(loader))[0]
+    loader.compile()
+    assert isinstance(loader.recipe, B.CompiledRecipe)
+    assert (next(iter(loader))[0] - ref).abs().max() < 1e-4
