@@ -5,13 +5,14 @@
 #   OUT=output/device_check bash scripts/device_check.sh CIFAR10_TAR_GZ [SECONDS]
 #
 # CIFAR10_TAR_GZ: ../shared/data/cifar10/cifar10.tar.gz (copy it into the checkout to carry it along).
-# SECONDS: the whole budget (default 540). MOCO_ONLY=1: part 2 measures MoCo only; RESERVE: seconds
-# kept back from part 4 (default 100). Parts:
+# SECONDS: the whole budget (default 540). MOCO_ONLY=1: part 2 measures MoCo only; COMPILE=1: part 2
+# runs with --compile (networks and augmentation); TTA=moco|simclr|byol: part 4's method (default
+# moco); RESERVE: seconds kept back from part 4 (default 100). Parts:
 #   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
 #   2. CIFAR-10 ResNet-18 img/s of MoCo v2, SimCLR and BYOL, batch 512, bf16, --device-aug memory
 #      (scripts/benchmark.py), and MoCo through the PIL loader for comparison
 #   3. ResNet-50 224 px MoCo v2 img/s: synthetic uint8 input vs 500x375 JPEGs through each loader
-#   4. MoCo v2 CIFAR-10 time to accuracy (scripts/bench_cifar.py) with the epochs that fit the budget left
+#   4. CIFAR-10 time to accuracy of $TTA (scripts/bench_cifar.py) with the epochs that fit the budget left
 #   5. what time remains: MoCo with --compile, augmentation-only throughput (scripts/bench_augment.py)
 set -u
 OUT=${OUT:-output/device_check}
@@ -49,7 +50,7 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_b
   && result "CUDA tests: passed" || result "CUDA tests: FAILED"
 
 part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
-CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16"
+CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16 ${COMPILE:+--compile}"
 bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
 if [ -z "${MOCO_ONLY:-}" ]; then
   bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory --temperature 0.5
@@ -65,21 +66,23 @@ bench "r50 jpeg500 PIL" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --
 bench "r50 jpeg500 files" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug files
 bench "r50 jpeg500 jpeg" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug jpeg
 
-part "4. MoCo v2 CIFAR-10 time to accuracy"
+TTA=${TTA:-moco}
+part "4. $TTA CIFAR-10 time to accuracy"
 # epochs that fit what is left, keeping RESERVE (100) s for start-up, the final kNN and part 5; epoch time
-# from part 2's MoCo figure (50,000 images per epoch)
-IMG_S=$(grep -E '^moco-cifar memory:' "$OUT/results.txt" | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
+# from part 2's figure for $TTA (50,000 images per epoch)
+IMG_S=$(grep -E "^$TTA-cifar memory:" "$OUT/results.txt" | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
 if [ -n "$IMG_S" ]; then
   EPOCHS=$($PY -c "print(max(0, min(200, int(($(left) - ${RESERVE:-100}) * $IMG_S / 50000 * 0.85))))")
   result "time to accuracy: $EPOCHS epochs fit ($IMG_S img/s, $(left) s left)"
   if [ "$EPOCHS" -ge 5 ]; then
-    timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods moco --epochs "$EPOCHS" --workers 16 \
+    timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods "$TTA" --epochs "$EPOCHS" --workers 16 \
+      ${COMPILE:+--extra "$TTA=--compile"} \
       --output-dir "$WORK/bench_cifar" 2>&1 | tail -5 | tee -a "$OUT/results.txt"
     cp "$WORK/bench_cifar/bench_cifar.json" "$OUT/" 2>/dev/null
-    cp "$WORK/bench_cifar/moco/log.jsonl" "$OUT/moco_cifar_log.jsonl" 2>/dev/null
+    cp "$WORK/bench_cifar/$TTA/log.jsonl" "$OUT/${TTA}_cifar_log.jsonl" 2>/dev/null
   fi
 else
-  result "time to accuracy: skipped (no MoCo img/s from part 2)"
+  result "time to accuracy: skipped (no $TTA img/s from part 2)"
 fi
 
 part "5. extras while time is left"
