@@ -116,15 +116,20 @@ class MoCo(nn.Module):
         self.register_buffer('queue', F.normalize(torch.randn(dim, K), dim=0))  # dimxK, unit columns
         self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
         self.emb_std = None  # per-dimension std of the last batch's q (collapse monitor; not state)
+        # host copy of queue_ptr: reading the buffer every step would make the CPU wait for the GPU;
+        # it is read once, and again after a load_state_dict (resume)
+        self._ptr = None
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, '_ptr', None))
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
         keys = dist.concat_all_gather(keys)  # (world*N)xdim: every process enqueues the global batch
         n = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr = int(self.queue_ptr) if self._ptr is None else self._ptr
         assert self.K % n == 0, f'queue size {self.K} is not a multiple of the global batch {n}'
         self.queue[:, ptr:ptr + n] = keys.T.to(self.queue.dtype)  # replace the oldest keys
-        self.queue_ptr[0] = (ptr + n) % self.K
+        self._ptr = (ptr + n) % self.K
+        self.queue_ptr.fill_(self._ptr)  # the buffer is what checkpoints hold
 
     def forward(self, im_q, im_k, perm=None):
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC

@@ -87,6 +87,22 @@ def test_queue_snapshot_ptr_and_wrap():
     assert torch.allclose(model.queue[:, 2:4].T, keys[1], atol=1e-6)
 
 
+def test_queue_pointer_follows_load_state_dict():
+    """The enqueue position is kept on the host (no device read per step) but follows a loaded
+    state: after loading queue_ptr 0 over a model at 2, the next batch goes to columns 0-1."""
+    model = tiny_moco(K=4, m=0.0)
+    x = torch.randn(2, 2)
+    model(x, x)
+    assert model.queue_ptr.item() == 2
+    state = model.state_dict()
+    state['queue_ptr'] = torch.zeros(1, dtype=torch.long)
+    model.load_state_dict(state)
+    model(x, x)
+    assert model.queue_ptr.item() == 2  # 0 + 2, not (2 + 2) % 4
+    k = F.normalize(model.encoder_k(x), dim=1).detach()
+    assert torch.allclose(model.queue[:, 0:2].T, k, atol=1e-6)
+
+
 def test_shuffle_unshuffle_restores_order():
     x = torch.arange(12.).view(6, 2)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
