@@ -74,10 +74,11 @@ def get_parser():
                    help='GLOBAL batch of one forward over all processes (each takes batch/world)')
     g.add_argument('--accum-steps', type=int, default=1,
                    help='optimizer step every N batches (gradient accumulation): effective batch = batch x N')
-    g.add_argument('--lr', type=float, default=0.2, help='LARS LR per 256 images of the effective batch; scaled linearly')
+    g.add_argument('--lr', type=float, default=0.2, help='LR per 256 images of the effective batch; scaled linearly')
     g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up, per optimizer step')
     g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--wd', type=float, default=1.5e-6, help='weight decay (not on BN and bias)')
+    g.add_argument('--wd', type=float, default=1.5e-6, help='weight decay (LARS: not on BN and bias)')
+    optim.add_optimizer_arg(g)
     optim.add_param_group_arg(g, note='after the BN/bias exclusions')
     g = add_run_args(p, 'output/byol', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
@@ -212,8 +213,7 @@ def main(argv=None):
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size * accum)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size * accum}/256')
-    groups = optim.param_groups(core, optim.LARS_EXCLUDE_RULES + args.param_group, log.print)
-    optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = optim.lars_or_sgd(core, args, lr, log.print, ckpt=ckpt)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
     compile_modules(args, core.online, core.predictor, core.target, loader)  # --compile

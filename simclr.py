@@ -67,7 +67,9 @@ def get_parser():
     g.add_argument('--proj-dim', type=int, default=128, help='output of the projection head (its hidden '
                    'width is the backbone feature width)')
     g.add_argument('--temperature', type=float, default=0.1, help='NT-Xent temperature')
-    g = p.add_argument_group('optimisation (LARS)')
+    g.add_argument('--color-strength', type=float, default=1.0,
+                   help='colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) (paper: 1.0 ImageNet, 0.5 CIFAR-10)')
+    g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=200)
     g.add_argument('-b', '--batch-size', type=int, default=256,
                    help='GLOBAL batch of images over all processes (each process takes batch/world)')
@@ -75,8 +77,9 @@ def get_parser():
     g.add_argument('--warmup-epochs', type=float, default=10, help='linear warm-up, per iteration')
     g.add_argument('--warmup-ratio', type=float, default=1e-4, help='warm-up starts at this fraction of the LR')
     g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--wd', type=float, default=1e-6, help='weight decay (inside LARS)')
+    g.add_argument('--wd', type=float, default=1e-6, help='weight decay (LARS: not on BN and bias)')
     g.add_argument('--eta', type=float, default=1e-3, help='LARS trust coefficient')
+    optim.add_optimizer_arg(g)
     optim.add_param_group_arg(g, note='applied after the BN/bias exclusion rules')
     g = add_run_args(p, 'output/simclr', device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
@@ -183,7 +186,7 @@ def main(argv=None):
     if sync_bn and world > 1 and device.type != 'cuda':
         raise SystemExit('--sync-bn needs CUDA (PyTorch SyncBatchNorm has no CPU kernel); use --no-sync-bn')
     blur = args.crop_size >= 64  # no blur on 32-px data (the paper's CIFAR-10 setting)
-    aug = augment.simclr(args.crop_size, blur=blur)
+    aug = augment.simclr(args.crop_size, blur=blur, strength=args.color_strength)
     train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
                                               world, args.seed, args.workers, device, args.device_aug)
     iters = sampler.iters
@@ -207,8 +210,7 @@ def main(argv=None):
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256')
-    groups = optim.param_groups(core, optim.LARS_EXCLUDE_RULES + args.param_group, log.print)
-    optimizer = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd, eta=args.eta)
+    optimizer = optim.lars_or_sgd(core, args, lr, log.print, args.eta, ckpt)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
     compile_modules(args, core.backbone, core.head, loader)  # --compile

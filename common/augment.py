@@ -77,13 +77,15 @@ def eval_transform(size=224):
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
 
 
-def simclr(size=224, blur=True):
+def simclr(size=224, blur=True, strength=1.0):
     """SimCLR (arXiv:2002.05709 App. A; OpenSelfSup simclr/r50_bs256_ep200.py): crop scale (0.08, 1),
-    flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale 0.2, PIL blur sigma U(0.1, 2) p=0.5.
-    blur=False for 32-px data, as the paper's CIFAR-10 setting."""
+    flip, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8 with strength s (1.0; the paper's CIFAR-10 runs
+    use 0.5), grayscale 0.2, PIL blur sigma U(0.1, 2) p=0.5. blur=False for 32-px data, as the
+    paper's CIFAR-10 setting."""
+    s = strength
     ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0)),
            T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+           T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
            T.RandomGrayscale(p=0.2)]
     if blur:
         ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5))

@@ -78,19 +78,19 @@ class KnnMonitor:
     eval transform) is the bank, the val split the queries. `monitor(encoder)` evaluates
     encoder.pooled (fc skipped) in eval mode and restores the encoder's mode. Collective."""
 
-    def __init__(self, data, crop_size, k=200, workers=4, device=torch.device('cpu')):
+    def __init__(self, data, crop_size, k=200, workers=4, device=torch.device('cpu'), t=0.07):
         from common.augment import eval_transform
         from common.data import build_dataset, has_split
         if not has_split(data, 'val'):
             raise SystemExit(f'--knn-every needs {data}/val/<class>/ images; drop --knn-every')
         tf = eval_transform(crop_size)
         self.train_set, self.val_set = build_dataset(data, tf, 'train'), build_dataset(data, tf, 'val')
-        self.k, self.workers, self.device = k, workers, device
+        self.k, self.t, self.workers, self.device = k, t, workers, device
 
     def __call__(self, encoder):
         was_training = encoder.training
         encoder.eval()
-        res = knn_eval(encoder.pooled, self.train_set, self.val_set, (self.k,), workers=self.workers,
+        res = knn_eval(encoder.pooled, self.train_set, self.val_set, (self.k,), t=self.t, workers=self.workers,
                        device=self.device)
         encoder.train(was_training)
         return res[self.k][0]

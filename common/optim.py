@@ -176,6 +176,25 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_sub_(params, [self.state[p]['momentum_buffer'] for p in params])
 
 
+def add_optimizer_arg(g):
+    g.add_argument('--optimizer', choices=['lars', 'sgd'], default='lars',
+                   help='lars: the paper / OpenSelfSup recipe, BN and bias parameters excluded from weight '
+                        'decay and adaptation; sgd: plain SGD with weight decay on every parameter, as '
+                        'lightly\'s CIFAR-10 benchmark')
+
+
+def lars_or_sgd(model, args, lr, log=print, eta=0.001, ckpt=None):
+    """The --optimizer of SimCLR and BYOL over `model`'s parameters (with --param-group rules)."""
+    if ckpt is not None and ckpt['args'].get('optimizer', 'lars') != args.optimizer:
+        raise SystemExit(f'the checkpoint was trained with --optimizer {ckpt["args"].get("optimizer", "lars")}; '
+                         f'resume with the same')
+    if args.optimizer == 'sgd':
+        return torch.optim.SGD(param_groups(model, args.param_group, log), lr, momentum=args.momentum,
+                               weight_decay=args.wd)
+    groups = param_groups(model, LARS_EXCLUDE_RULES + args.param_group, log)
+    return LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd, eta=eta)
+
+
 @torch.no_grad()
 def ema_update(target, source, m):
     """target <- m * target + (1 - m) * source, over parameters only (buffers such as BN statistics

@@ -45,6 +45,7 @@ def add_run_args(p, output_dir, workers=8, device_aug=False):
     c.add_argument('--knn-every', type=int, default=0,
                    help='weighted-kNN monitor every N epochs on the val split (0 = off)')
     c.add_argument('--knn-k', type=int, default=200)
+    c.add_argument('--knn-t', type=float, default=0.07, help='kNN monitor temperature (lightly\'s benchmarks: 0.1)')
     c.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars (needs tensorboard)')
     return g
 
@@ -103,7 +104,8 @@ class Run:
             self.ckpt_extra = ckpt.get('extra', {})
         self.knn = None
         if args.knn_every:
-            self.knn = KnnMonitor(args.data, knn_size or args.crop_size, args.knn_k, args.workers, device)
+            self.knn = KnnMonitor(args.data, knn_size or args.crop_size, args.knn_k, args.workers, device,
+                                  args.knn_t)
             if self.knn_random is None:  # the same network at initialisation, once per run
                 self.knn_random = self.knn(copy.deepcopy(self.backbone))
                 log.print(f'kNN top-1 of the randomly initialised backbone: {self.knn_random:.2f}')

@@ -51,12 +51,14 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_b
 
 part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
 CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16 ${COMPILE:+--compile}"
-bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
+# each method with scripts/bench_cifar.py's flags (lightly's CIFAR-10 settings)
+margs() { $PY -c "import sys; sys.path.insert(0, 'scripts'); import bench_cifar; print(bench_cifar.METHOD_ARGS['$1'])"; }
+bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs moco)
 if [ -z "${MOCO_ONLY:-}" ]; then
-  bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory --temperature 0.5
-  bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory
+  bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs simclr)
+  bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs byol)
 fi
-bench "moco-cifar PIL" 90 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99
+bench "moco-cifar PIL" 90 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off $(margs moco)
 
 part "3. ResNet-50 224 px MoCo v2 img/s, batch 256, bf16"
 timeout 60 $PY scripts/make_jpeg_set.py "$C10" "$WORK/jpeg500" --images 6400 -j 16
@@ -86,7 +88,7 @@ else
 fi
 
 part "5. extras while time is left"
-bench "moco-cifar memory --compile" 150 moco --steps 60 --warmup 30 -- $CIFAR --device-aug memory --v2 --moco-t 0.1 --moco-k 4096 --moco-m 0.99 --compile
+bench "moco-cifar memory --compile" 150 moco --steps 60 --warmup 30 -- $CIFAR --device-aug memory $(margs moco) --compile
 if [ "$(left)" -gt 40 ]; then
   timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 224 --workers 16 \
     --batch-size 256 --batches 8 | tee -a "$OUT/results.txt"

@@ -180,6 +180,31 @@ def test_lars_groups_exclude_bn_and_bias():
     assert len(lines) == 2 and any(l.startswith(EXCLUDED) for l in lines)
 
 
+def test_optimizer_choice_and_color_strength(data64, tmp_path):
+    """--optimizer sgd (lightly's CIFAR-10 benchmark): torch SGD with the weight decay on every
+    parameter, BN and bias included; the default stays LARS with its exclusions; a checkpoint does
+    not resume under the other optimizer. --color-strength s scales the jitter ranges: s = 0.5 gives
+    brightness/contrast/saturation 1 +- 0.4 and hue +- 0.1 (the paper's CIFAR-10 setting)."""
+    import simclr
+    from common import augment
+    backbone = build_resnet('resnet10', 0, 4)
+    model = SimCLR(backbone, projection_head(backbone.feat_dim, backbone.feat_dim, 8))
+    sgd = optim.lars_or_sgd(model, parse_args(['/d', '--optimizer', 'sgd', '--wd', '5e-4']), 0.1, lambda *a: None)
+    assert type(sgd) is torch.optim.SGD and len(sgd.param_groups) == 1
+    assert sgd.param_groups[0]['weight_decay'] == 5e-4 and len(sgd.param_groups[0]['params']) == \
+        len(list(model.parameters()))
+    lars = optim.lars_or_sgd(model, parse_args(['/d']), 0.1, lambda *a: None)
+    assert isinstance(lars, optim.LARS) and any(g['lars_exclude'] for g in lars.param_groups)
+    out = tmp_path / 'o'
+    simclr.main([str(data64), *SMALL, '--epochs', '1', '--max-steps', '1', '--optimizer', 'sgd', '--output-dir', str(out)])
+    with pytest.raises(SystemExit, match='trained with --optimizer sgd; resume with the same'):
+        simclr.main([str(data64), *SMALL, '--epochs', '1', '--output-dir', str(out), '--resume', 'auto'])
+    jitter = augment.simclr(32, blur=False, strength=0.5).transforms[2].transforms[0]
+    ranges = [v for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for v in r]
+    assert ranges == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.6, 1.4, -0.1, 0.1])
+    assert parse_args(['/d']).color_strength == 1.0
+
+
 def test_defaults_are_the_oss_recipe():
     a = parse_args(['/data'])
     assert (a.arch, a.batch_size, a.epochs, a.lr, a.wd, a.momentum, a.eta, a.temperature, a.proj_dim) == \
