@@ -148,7 +148,7 @@ class PatchPairs:
 
 class BatchedPatchPairs:
     """PatchPairs for a batch of uint8 images (NxCxHxW, or a list of CxHxW) on any device:
-    batch(images, gen) -> Nx8x6xPxP. Resize + RandomCrop + the 9 patch crops are read off PIL's
+    pairs(images, gen) -> Nx8x6xPxP. Resize + RandomCrop + the 9 patch crops are read off PIL's
     resize weights (common.batch_aug.resample_weights): each patch's rows and columns are rows of the
     resized image's weight matrices, so a patch costs two small matrix products and no full-size
     resize; the values are PIL's resize without its uint8 rounding between the passes."""
