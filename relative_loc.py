@@ -35,6 +35,7 @@ Deviations from OpenSelfSup (see README):
   * one process computes BN statistics over its whole batch (OpenSelfSup: per GPU, 512 pairs).
 """
 import argparse
+import functools
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,12 @@ class PatchPairs:
         return BatchedPatchPairs(self.resize, self.grid, self.cell, self.patch, self.image.transforms[2].p)
 
 
+@functools.lru_cache(maxsize=64)
+def resize_matrix(n, o):
+    """PIL's bilinear resize of n pixels to o as an o x n matrix (made once per size pair)."""
+    return B.resample_weights(torch.zeros(1), torch.tensor([float(n)]), n, o, 'bilinear')[0]
+
+
 class BatchedPatchPairs:
     """PatchPairs for a batch of uint8 images (NxCxHxW, or a list of CxHxW) on any device:
     pairs(images, gen) -> Nx8x6xPxP. Resize + RandomCrop + the 9 patch crops are read off PIL's
@@ -179,7 +186,7 @@ class BatchedPatchPairs:
         cells = torch.arange(3) * self.cell
         weights = []
         for axis, (n, o) in enumerate(((h, int(out[0])), (w, int(out[1])))):
-            full = B.resample_weights(torch.zeros(1), torch.tensor([float(n)]), n, o, 'bilinear')[0]  # PIL's oxn
+            full = resize_matrix(n, o)
             cell = cells.repeat_interleave(3) if axis == 0 else cells.repeat(3)  # cell row / column of 0..8
             first = tl[:, axis, None] + cell + off[:, :, axis]  # Nx9 patch starts in the resized image
             weights.append(B.to_device(full[first[..., None] + torch.arange(self.patch)], x.device))  # Nx9xPxn

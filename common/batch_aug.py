@@ -54,8 +54,6 @@ def to_device(t, device, dtype=None):
     return t.to(device, dtype)
 
 
-
-
 def uniform(n, lo, hi, gen):
     """N floats ~ U(lo, hi) on gen's device."""
     return torch.empty(n, device=gen.device).uniform_(lo, hi, generator=gen)

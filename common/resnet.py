@@ -60,7 +60,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
 
 class ResNet(nn.Module):
-    """torchvision-compatible ResNet: conv1/bn1/relu/maxpool, layer1-4, avgpool, fc.
+    """torchvision-compatible ResNet: conv1/bn1/relu/maxpool, layer1-4, global mean pool, fc.
 
     num_classes=0 makes fc an Identity (forward returns the pooled feature, `feat_dim` wide).
     cifar_stem: 3x3 stride-1 conv1 and no max-pool, for 32x32 inputs.
@@ -84,7 +84,6 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2)
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feat_dim = width * 8 * block.expansion
         self.fc = nn.Linear(self.feat_dim, num_classes) if num_classes else nn.Identity()
 
@@ -126,7 +125,7 @@ class ResNet(nn.Module):
         """Global-average-pooled layer4 feature (N x feat_dim), i.e. forward() without fc."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        # = flatten(avgpool(x)); a mean, whose CUDA backward has a deterministic kernel (--deterministic)
+        # torchvision's avgpool as a mean: its CUDA backward has a deterministic kernel (--deterministic)
         return x.mean((2, 3))
 
     def forward(self, x):

@@ -29,8 +29,8 @@ def add_run_args(p, output_dir, workers=8, device_aug=False):
                             'jpeg = workers read, decode_jpeg on the device. off = the PIL reference path')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
     g.add_argument('--compile', action='store_true',
-                   help='torch.compile the networks (the first steps and the first kNN pass compile, '
-                        'about a minute each on a GPU)')
+                   help='torch.compile the networks, and with --device-aug the augmentation (the first '
+                        'steps compile: about a minute on a GPU)')
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
     g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
