@@ -55,3 +55,22 @@ def python(*args, **kw):
 def torchrun(nproc, *args, **kw):
     return run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
                 '--master_port', str(29500 + os.getpid() % 1000), *map(str, args)], **kw)
+
+
+def stop_and_resume(main, args, tmp_path, stop):
+    """Runs main(args) straight into tmp_path/a, and into tmp_path/b stopped after `stop` steps
+    (--max-steps) then continued with --resume auto, in this process (--deterministic is switched off
+    again afterwards). Returns ((checkpoint a, checkpoint b), (train losses a, train losses b))."""
+    import json
+    import torch
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    try:
+        main([*map(str, args), '--output-dir', str(a)])
+        main([*map(str, args), '--output-dir', str(b), '--max-steps', str(stop)])
+        main([*map(str, args), '--output-dir', str(b), '--resume', 'auto'])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ckpts = tuple(torch.load(d / 'checkpoint_last.pth', weights_only=True) for d in (a, b))
+    losses = tuple([r['loss'] for r in map(json.loads, open(d / 'log.jsonl')) if r['type'] == 'train']
+                   for d in (a, b))
+    return ckpts, losses

@@ -17,7 +17,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from conftest import REPO, SAMPLE, TINY
+from conftest import REPO, SAMPLE, TINY, stop_and_resume
 
 from common import augment, batch_aug as B, data
 
@@ -402,16 +402,10 @@ def train_records(d):
 def test_moco_device_aug_resume_is_exact(data64, tmp_path):
     """moco --device-aug memory: 2 steps + resume + 2 steps == 4 steps straight, bitwise."""
     import moco
-    common = [str(data64), *SMALL, '--epochs', '1', '--deterministic', '--device-aug', 'memory']
-    moco.main(common + ['--output-dir', str(tmp_path / 'a')])
-    moco.main(common + ['--output-dir', str(tmp_path / 'b'), '--max-steps', '2'])
-    moco.main(common + ['--output-dir', str(tmp_path / 'b'), '--resume', 'auto'])
-    a = torch.load(tmp_path / 'a' / 'checkpoint_last.pth', weights_only=True)
-    b = torch.load(tmp_path / 'b' / 'checkpoint_last.pth', weights_only=True)
+    (a, b), (la, lb) = stop_and_resume(moco.main, [data64, *SMALL, '--epochs', '1', '--deterministic',
+                                                   '--device-aug', 'memory'], tmp_path, 2)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    la = [r['loss'] for r in train_records(tmp_path / 'a')]
-    lb = [r['loss'] for r in train_records(tmp_path / 'b')]
     assert len(la) == 4 and la == lb
 
 
@@ -446,21 +440,13 @@ def test_odc_deepcluster_device_aug_resume_is_exact(method, data64, tmp_path):
     small = ['--arch', 'resnet10', '--width', '8', '--cifar-stem', '--crop-size', '32', '--workers', '0',
              '--print-freq', '1', '--seed', '0', '--batch-size', '16', '--num-clusters', '8']
     small += ['--min-cluster', '6'] if method == 'odc' else ['--pca-dim', '16']
-    args = [str(data64), *small, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
-    try:
-        mod.main([*args, '--output-dir', str(tmp_path / 'a')])
-        mod.main([*args, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
-        mod.main([*args, '--output-dir', str(tmp_path / 'b'), '--resume', 'auto'])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    a, b = (torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True) for d in 'ab')
+    args = [data64, *small, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
+    (a, b), (la, lb) = stop_and_resume(mod.main, args, tmp_path, 3)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    la, lb = ([r['loss'] for r in train_records(tmp_path / d)] for d in 'ab')
     assert la == lb and len(la) == 8 and all(math.isfinite(v) for v in la)
 
 
-@pytest.mark.parametrize('method', ['moco', 'simclr', 'byol'])
 def test_bf16_autocast_loss(method):
     """bf16 autocast changes each contrastive loss on one batch (ResNet-10 at initialisation, batched
     views) by < 2% of its value vs fp32: bf16 keeps 8 mantissa bits, ~0.4% per rounding, and the

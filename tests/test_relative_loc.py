@@ -11,7 +11,7 @@ from PIL import Image
 from common import checkpoint
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.resnet import build_resnet
-from conftest import REPO, python
+from conftest import REPO, python, stop_and_resume
 from relative_loc import NEIGHBOURS, PatchPairs, RelativeLoc, geometry, grid_patches, parse_args
 
 SMALL = ['--arch', 'resnet10', '--width', '8', '--cifar-stem', '--crop-size', '32', '--neck-dim', '32',
@@ -298,14 +298,8 @@ def test_batched_pairs_parameter_ranges():
 def test_device_aug_resume_is_exact(data64, tmp_path):
     """relative_loc.py --device-aug memory: 3 steps + resume == 8 steps straight, bitwise."""
     import relative_loc
-    args = [str(data64), *SMALL, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
-    try:
-        relative_loc.main([*args, '--output-dir', str(tmp_path / 'a')])
-        relative_loc.main([*args, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
-        relative_loc.main([*args, '--output-dir', str(tmp_path / 'b'), '--resume', 'auto'])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    a, b = ckpt(tmp_path / 'a'), ckpt(tmp_path / 'b')
+    args = [data64, *SMALL, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
+    (a, b), (la, lb) = stop_and_resume(relative_loc.main, args, tmp_path, 3)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    assert losses(tmp_path / 'a') == losses(tmp_path / 'b') and len(losses(tmp_path / 'a')) == 8
+    assert la == lb and len(la) == 8
