@@ -188,7 +188,8 @@ def main(argv=None):
     blur = args.crop_size >= 64 if args.blur is None else args.blur  # no blur on 32-px data
     views = augment.MultiView(augment.byol(args.crop_size, 1, blur), augment.byol(args.crop_size, 2, blur))
     train_set, sampler, loader = train_loader(args.data, views, args.batch_size, rank, world, args.seed,
-                                              args.workers, device, args.device_aug)
+                                              args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     if sampler.iters < accum:
         raise SystemExit(f'--accum-steps {accum} needs {accum} batches per epoch; the data gives {sampler.iters}')
     sampler.iters -= sampler.iters % accum  # whole accumulation windows per epoch (drop_last for windows)

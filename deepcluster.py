@@ -177,7 +177,8 @@ def main(argv=None):
     train_set, sampler, loader = train_loader(
         args.data, augment.deepcluster(args.crop_size, args.min_crop), args.batch_size, rank, world, args.seed,
         args.workers, device, args.device_aug,
-        functools.partial(UniformClusterSampler, k=args.num_clusters, quota=args.quota))
+        functools.partial(UniformClusterSampler, k=args.num_clusters, quota=args.quota),
+        prefetch=args.aug_prefetch)
     feat_set = build_dataset(args.data, augment.eval_transform(args.crop_size), 'train')  # same order
     n, k = len(train_set), args.num_clusters
     if n < k:

@@ -171,7 +171,8 @@ def main(argv=None):
     else:
         aug = augment.moco_v1(args.crop_size)
     train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
-                                              world, args.seed, args.workers, device, args.device_aug)
+                                              world, args.seed, args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     if args.moco_k > len(train_set):
         raise SystemExit(f'--moco-k {args.moco_k} is larger than the dataset ({len(train_set)} images); '
                          f'use at most {len(train_set) // args.batch_size * args.batch_size}')

@@ -197,7 +197,8 @@ def main(argv=None):
     # ============ data ============
     local_bs = args.batch_size // world
     train_set, sampler, loader = train_loader(args.data, augment.moco_v1(args.crop_size), args.batch_size, rank,
-                                              world, args.seed, args.workers, device, args.device_aug)
+                                              world, args.seed, args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     n = len(train_set)
     if args.npid_k < 1 or (args.ensure_neg and n < 2):
         raise SystemExit(f'--npid-k {args.npid_k}: need at least 1 negative (and 2 images with --ensure-neg)')

@@ -263,7 +263,7 @@ def main(argv=None):
     local_bs = args.batch_size // world
     train_set, sampler, loader = train_loader(args.data, augment.deepcluster(args.crop_size, args.min_crop),
                                               args.batch_size, rank, world, args.seed, args.workers, device,
-                                              args.device_aug, ReplacementSampler)
+                                              args.device_aug, ReplacementSampler, prefetch=args.aug_prefetch)
     n, k = len(train_set), args.num_clusters
     if n < k * args.min_cluster:
         raise SystemExit(f'--num-clusters {k} x --min-cluster {args.min_cluster} = {k * args.min_cluster} is more '

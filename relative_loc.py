@@ -265,7 +265,8 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     train_set, sampler, loader = train_loader(args.data, pairs, args.batch_size, rank, world, args.seed,
-                                              args.workers, device, args.device_aug)
+                                              args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     iters = sampler.iters
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
               f'images = {8 * args.batch_size} pairs ({local_bs} images per process); {pairs}')

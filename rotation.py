@@ -135,7 +135,8 @@ def main(argv=None):
     # ============ data ============
     local_bs = args.batch_size // world
     train_set, sampler, loader = train_loader(args.data, rotation_augmentation(args.crop_size), args.batch_size,
-                                              rank, world, args.seed, args.workers, device, args.device_aug)
+                                              rank, world, args.seed, args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     iters = sampler.iters
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '
               f'images = {4 * args.batch_size} rotated copies ({local_bs} images per process)')

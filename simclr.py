@@ -188,7 +188,8 @@ def main(argv=None):
     blur = args.crop_size >= 64  # no blur on 32-px data (the paper's CIFAR-10 setting)
     aug = augment.simclr(args.crop_size, blur=blur, strength=args.color_strength)
     train_set, sampler, loader = train_loader(args.data, augment.MultiView(aug, aug), args.batch_size, rank,
-                                              world, args.seed, args.workers, device, args.device_aug)
+                                              world, args.seed, args.workers, device, args.device_aug,
+                                              prefetch=args.aug_prefetch)
     iters = sampler.iters
     bn_batch = f'{2 * args.batch_size} views (SyncBN)' if sync_bn and world > 1 else f'{2 * local_bs} views per process'
     log.print(f'{len(train_set)} training images, {iters} iterations/epoch, global batch {args.batch_size} '

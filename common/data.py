@@ -14,8 +14,11 @@ number of workers or processes, and a run resumed mid-epoch continues exactly.
 Unreadable images stop the run with an error naming the file (a silently skipped image would change
 batch composition and make resume inexact); remove or replace the file and --resume.
 """
+import contextlib
 import os
+import queue
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -188,19 +191,20 @@ def loader_kwargs(workers, device):
 
 
 def train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug='off',
-                 sampler=None):
+                 sampler=None, prefetch=None):
     """(dataset, sampler, DataLoader) for pre-training, with one-line errors for bad input.
     `global_batch` is split evenly over the `world` processes. device_aug != 'off': the loader yields
     the same structure, augmented on `device` by the batched equivalent of `transform` (see
     device_train_loader). sampler: an EpochSampler class (default EpochSampler), called as
-    sampler(len(dataset), global_batch, rank, world, seed)."""
+    sampler(len(dataset), global_batch, rank, world, seed). prefetch: batches augmented ahead by a
+    background thread with device_aug (None: 1 on CUDA, 0 elsewhere; see prefetched)."""
     sampler = sampler or EpochSampler
     if global_batch % world:
         raise SystemExit(f'--batch-size {global_batch} is the global batch and must be divisible by the '
                          f'number of processes ({world})')
     if device_aug != 'off':
         return device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug,
-                                   sampler)
+                                   sampler, prefetch)
     try:
         dataset = build_dataset(data, transform, seed=seed)
         sampler = sampler(len(dataset), global_batch, rank, world, seed)
@@ -319,10 +323,12 @@ class DeviceAugLoader:
     number of processes (the PIL path's do not)."""
 
     def __init__(self, recipe, sampler, local_bs, device, seed, rank, loader=None, memory=None, labels=None,
-                 decode=False, paths=None):
+                 decode=False, paths=None, prefetch=None):
         self.recipe, self.sampler, self.bs, self.device = recipe, sampler, local_bs, device
         self.seed, self.rank, self.loader, self.memory, self.labels = seed, rank, loader, memory, labels
         self.decode, self.paths = decode, paths
+        # batches augmented ahead in a background thread (prefetched); None: 1 on CUDA, 0 elsewhere
+        self.prefetch = (1 if device.type == 'cuda' else 0) if prefetch is None else prefetch
 
     def __len__(self):
         return len(self.sampler) // self.bs
@@ -353,6 +359,11 @@ class DeviceAugLoader:
             raise
 
     def __iter__(self):
+        if self.prefetch > 0:
+            return prefetched(self._batches(), self.prefetch, self.device)
+        return self._batches()
+
+    def _batches(self):
         epoch, it = self.sampler.epoch, self.sampler.start_iter
         for images, labels, idx in (self._from_memory() if self.memory is not None else self.loader):
             if self.decode:
@@ -368,7 +379,71 @@ class DeviceAugLoader:
             it += 1
 
 
-def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode, sampler=None):
+def _cuda_tensors(obj):
+    if torch.is_tensor(obj):
+        return [obj] if obj.is_cuda else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _cuda_tensors(o)]
+    return []
+
+
+def prefetched(batches, depth, device):
+    """Yields the items of the generator `batches`, each made up to `depth` items ahead by a background
+    thread, so that augmenting the next batch overlaps the training step on this one. On CUDA the
+    thread works on a stream of its own (the augmentation's small kernels run beside the model's); an
+    item is handed over behind an event, and its tensors are recorded on the consumer's stream for the
+    allocator. The items are those of `batches`, in order (each batch draws from its own generator).
+    An error in the thread is raised here; closing this generator (a loop left early) stops it."""
+    items, stop, done = queue.Queue(depth), threading.Event(), object()
+    stream = None
+    if device.type == 'cuda':
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # e.g. the dataset copied into memory
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in batches:
+                    event = stream.record_event() if stream is not None else None
+                    if not put((item, event)):
+                        break
+        except BaseException as e:  # noqa: B036 -- handed to the consumer, which raises it
+            put((e, None))
+        finally:
+            batches.close()  # a DataLoader iterator inside shuts its workers down here
+        put((done, None))
+
+    thread = threading.Thread(target=work, name='selfsup-aug-prefetch', daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if event is not None:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(event)
+                for t in _cuda_tensors(item):
+                    t.record_stream(consumer)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode, sampler=None,
+                        prefetch=None):
     """train_loader's (dataset, EpochSampler, loader) for --device-aug `mode`: 'memory' (decode the
     whole set once into a uint8 tensor on the device; images of one size, e.g. CIFAR), 'files'
     (workers decode each batch with PIL, the device augments; any sizes, the crop reads the original
@@ -395,13 +470,14 @@ def device_train_loader(data, transform, global_batch, rank, world, seed, worker
         raise SystemExit(f'data: {e}') from None
     labels = torch.tensor(dataset.targets)
     if str(data).startswith('synthetic'):
-        loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, memory=pool, labels=labels)
+        loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, memory=pool, labels=labels,
+                                 prefetch=prefetch)
     elif mode == 'memory':
         loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, labels=labels,
-                                 memory=load_to_memory(dataset, workers, device))
+                                 memory=load_to_memory(dataset, workers, device), prefetch=prefetch)
     else:
         batches = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, drop_last=True,
                                               collate_fn=collate_uint8, **loader_kwargs(workers, device))
         loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, loader=batches,
-                                 decode=mode == 'jpeg', paths=[p for p, _ in dataset.samples])
+                                 decode=mode == 'jpeg', paths=[p for p, _ in dataset.samples], prefetch=prefetch)
     return dataset, sampler, loader

@@ -27,10 +27,18 @@ def add_run_args(p, output_dir, workers=8, device_aug=False):
                             'in the workers: memory = whole training set decoded once into a uint8 tensor on the '
                             'device (one image size, e.g. CIFAR); files = workers decode, the device augments; '
                             'jpeg = workers read, decode_jpeg on the device. off = the PIL reference path')
+        g.add_argument('--aug-prefetch', type=int, default=None, metavar='N',
+                       help='--device-aug: batches augmented ahead by a background thread (on CUDA on a stream '
+                            'of its own, overlapping the training step); default 1 on CUDA, 0 (in the training '
+                            'loop) on CPU. The batches are the same either way')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the networks, and with --device-aug the augmentation (the first '
                         'steps compile: about a minute on a GPU)')
+    g.add_argument('--compile-mode', default='default',
+                   choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'],
+                   help='torch.compile mode of the networks: reduce-overhead replays CUDA graphs, for small '
+                        'images whose GPU step is launch-bound (the augmentation keeps the default)')
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--seed', type=int, default=None, help='random seed (drawn and logged when omitted)')
     g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
@@ -71,7 +79,9 @@ def compile_modules(args, *modules):
     original."""
     if args.compile:
         for m in modules:
-            if hasattr(m, 'compile'):
+            if isinstance(m, torch.nn.Module):
+                m.compile(mode=args.compile_mode)
+            elif hasattr(m, 'compile'):
                 m.compile()
 
 

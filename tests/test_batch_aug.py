@@ -390,6 +390,48 @@ def test_device_loaders(data64, tmp_path):
         next(iter(data.train_loader(root, aug, 4, 0, 1, 0, 0, cpu, 'jpeg')[2]))
 
 
+def _prefetch_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == 'selfsup-aug-prefetch']
+
+
+def test_prefetched_loader(data64):
+    """--aug-prefetch: batches made ahead by a background thread are those made in the loop, bitwise,
+    also from a resumed iteration; leaving the loop early stops the thread (with DataLoader workers
+    inside it), and an error in the thread is raised in the loop."""
+    aug = augment.MultiView(augment.moco_v2(32, blur=False), augment.byol(32, 2, blur=False))
+    cpu = torch.device('cpu')
+    for mode, workers in (('memory', 0), ('files', 2)):
+        runs = {}
+        for depth in (0, 2):
+            _, s, loader = data.train_loader(data64, aug, 16, 0, 1, 0, workers, cpu, mode, prefetch=depth)
+            s.set_epoch(2, 1)  # resumed at iteration 1
+            runs[depth] = list(loader)
+            assert len(runs[depth]) == 3
+        for a, b in zip(runs[0], runs[2]):
+            assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[2], b[2])
+        it = iter(loader)
+        next(it)
+        assert len(_prefetch_threads()) == 1
+        it.close()  # what leaving a for loop early does
+        assert not _prefetch_threads()
+
+    _, s, loader = data.train_loader(data64, aug, 16, 0, 1, 0, 0, cpu, 'memory', prefetch=1)
+    calls = []
+
+    def failing(images, gen):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError('broken recipe')
+        return aug_fn(images, gen)
+    aug_fn, loader.recipe = loader.recipe, failing
+    it = iter(loader)
+    next(it)
+    with pytest.raises(ValueError, match='broken recipe'):
+        next(it)
+    assert not _prefetch_threads()
+
+
 # ---------------------------------------------------------------- training with --device-aug
 
 SMALL = TINY + ['--batch-size', '16', '--moco-k', '32', '--bn-splits', '2']
@@ -400,10 +442,11 @@ def train_records(d):
 
 
 def test_moco_device_aug_resume_is_exact(data64, tmp_path):
-    """moco --device-aug memory: 2 steps + resume + 2 steps == 4 steps straight, bitwise."""
+    """moco --device-aug memory, batches made ahead by the prefetch thread: 2 steps + resume + 2 steps
+    == 4 steps straight, bitwise."""
     import moco
     (a, b), (la, lb) = stop_and_resume(moco.main, [data64, *SMALL, '--epochs', '1', '--deterministic',
-                                                   '--device-aug', 'memory'], tmp_path, 2)
+                                                   '--device-aug', 'memory', '--aug-prefetch', '2'], tmp_path, 2)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
     assert len(la) == 4 and la == lb
@@ -434,13 +477,14 @@ def test_byol_simclr_rotation_npid_smoke(data64, tmp_path):
 @pytest.mark.parametrize('method', ['odc', 'deepcluster'])
 def test_odc_deepcluster_device_aug_resume_is_exact(method, data64, tmp_path):
     """ODC and DeepCluster (their own samplers: with replacement / uniform over clusters; the recipe
-    with the 2-degree rotation) on --device-aug memory: 3 steps + resume == 8 steps straight, bitwise."""
+    with the 2-degree rotation) on --device-aug memory, batches from the prefetch thread across the
+    epochs: 3 steps + resume == 8 steps straight, bitwise."""
     import importlib
     mod = importlib.import_module(method)
     small = ['--arch', 'resnet10', '--width', '8', '--cifar-stem', '--crop-size', '32', '--workers', '0',
              '--print-freq', '1', '--seed', '0', '--batch-size', '16', '--num-clusters', '8']
     small += ['--min-cluster', '6'] if method == 'odc' else ['--pca-dim', '16']
-    args = [data64, *small, '--epochs', '2', '--deterministic', '--device-aug', 'memory']
+    args = [data64, *small, '--epochs', '2', '--deterministic', '--device-aug', 'memory', '--aug-prefetch', '1']
     (a, b), (la, lb) = stop_and_resume(mod.main, args, tmp_path, 3)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k

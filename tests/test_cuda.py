@@ -17,15 +17,21 @@ SMALL = TINY + ['--batch-size', '16', '--moco-k', '32', '--bn-splits', '2', '--d
 
 def test_loaders_on_cuda_equal_cpu(data64):
     """memory / files / jpeg loaders on CUDA: the memory and files batches equal the CPU's to float
-    rounding (same generator draws); nvJPEG decoding differs from PIL's decoder by a level or two."""
+    rounding (same generator draws); nvJPEG decoding differs from PIL's decoder by a level or two. On
+    CUDA the batches come from the prefetch thread's stream (the default there); without it
+    (prefetch 0) they are the same, bitwise, for every batch of the epoch."""
     aug = augment.MultiView(augment.moco_v2(32, blur=False), augment.byol(32, 1, blur=False))  # no solarize: a 1-ulp difference at its threshold would flip a pixel
-    batches = {}
-    for dev, mode in (('cpu', 'files'), ('cuda', 'memory'), ('cuda', 'files'), ('cuda', 'jpeg')):
-        _, s, loader = data.train_loader(data64, aug, 16, 0, 1, 0, 0, torch.device(dev), mode)
+    batches, epochs = {}, {}
+    for dev, mode, depth in (('cpu', 'files', 0), ('cuda', 'memory', None), ('cuda', 'memory', 0),
+                             ('cuda', 'files', None), ('cuda', 'jpeg', None)):
+        _, s, loader = data.train_loader(data64, aug, 16, 0, 1, 0, 0, torch.device(dev), mode, prefetch=depth)
         s.set_epoch(3)
+        epochs[dev, mode, depth] = [[v.cpu() for v in views] for views, _, _ in loader]
         views, _, idx = next(iter(loader))
         assert views[0].device.type == dev
         batches[dev, mode] = [v.cpu() for v in views], idx
+    for a, b in zip(epochs['cuda', 'memory', None], epochs['cuda', 'memory', 0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
     ref, ref_idx = batches['cpu', 'files']
     for key, (views, idx) in batches.items():
         assert torch.equal(idx, ref_idx), key
