@@ -52,9 +52,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
             True, self.momentum, self.eps).view(n, c, h, w)
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
-        # running stats: the mean over the splits (each split updated them with momentum)
-        self.running_mean.copy_(rm.view(s, c).mean(0))
-        self.running_var.copy_(rv.view(s, c).mean(0))
+        # running stats: the mean over the splits (each split updated them with momentum), written in
+        # place (out=: one kernel each, not a mean and a copy)
+        torch.mean(rm.view(s, c), 0, out=self.running_mean)
+        torch.mean(rv.view(s, c), 0, out=self.running_var)
         self.num_batches_tracked += 1
         return out
 

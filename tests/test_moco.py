@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.resnet import SplitBatchNorm, build_resnet
+from conftest import REPO
 from moco import MoCo, parse_args
 
 
@@ -178,3 +179,17 @@ def test_mlp_head_shapes():
     assert [type(l) for l in fc] == [nn.Linear, nn.ReLU, nn.Linear]
     assert fc[0].weight.shape == (64, 64) and fc[2].weight.shape == (16, 64)
     assert all(torch.equal(a, b) for a, b in zip(model.encoder_q.parameters(), model.encoder_k.parameters()))
+
+
+def test_split_batchnorm_kernel_budget():
+    """scripts/count_step_ops.py: the eager kernels SplitBatchNorm adds to a MoCo v2 step (ResNet-18,
+    channels_last; 20 BN layers per encoder, 40 training calls, 20 with a backward). By hand, per call:
+    forward 4 repeats (running mean and var, weight, bias), 2 layout copies, 2 in-place means = 8;
+    backward 2 sums (the repeats of weight and bias) and 1-2 layout copies. A stats copy per call
+    (the means written then copied, as before) would add 80 and break the bound."""
+    import sys
+    sys.path.insert(0, str(REPO / 'scripts'))
+    from count_step_ops import measure
+    split = sum(measure('moco', 8, steps=1)[0].values())
+    plain = sum(measure('moco', 1, steps=1)[0].values())
+    assert 40 * 6 < split - plain <= 40 * 8 + 20 * 4, (split, plain)
