@@ -5,15 +5,18 @@
 #   OUT=output/device_check bash scripts/device_check.sh CIFAR10_TAR_GZ [SECONDS]
 #
 # CIFAR10_TAR_GZ: ../shared/data/cifar10/cifar10.tar.gz (copy it into the checkout to carry it along).
-# SECONDS: the whole budget (default 540). MOCO_ONLY=1: part 2 measures MoCo only; COMPILE=1: part 2
-# runs with --compile (networks and augmentation); TTA=moco|simclr|byol: part 4's method (default
-# moco); RESERVE: seconds kept back from part 4 (default 100). Parts:
+# SECONDS: the whole budget (default 540). PARTS: which parts run (default "1 2 3 4 5"); MOCO_ONLY=1:
+# part 2 measures MoCo only; COMPILE=1: part 2 runs with --compile (networks and augmentation);
+# TTA=moco|simclr|byol: part 4's method (default moco); TTA_EPOCHS: part 4's epochs (default: what fits
+# the budget at part 2's img/s); RESERVE: seconds kept back from part 4 (default 100). Parts:
 #   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
-#   2. CIFAR-10 ResNet-18 img/s of MoCo v2, SimCLR and BYOL, batch 512, bf16, --device-aug memory
-#      (scripts/benchmark.py), and MoCo through the PIL loader for comparison
+#   2. CIFAR-10 ResNet-18 step profile (scripts/count_step_ops.py --profile), img/s of MoCo v2, SimCLR
+#      and BYOL, batch 512, bf16, --device-aug memory (scripts/benchmark.py); MoCo also without the
+#      prefetch thread (--aug-prefetch 0), with --compile (and CUDA graphs), and through the PIL loader
 #   3. ResNet-50 224 px MoCo v2 img/s: synthetic uint8 input vs 500x375 JPEGs through each loader
 #   4. CIFAR-10 time to accuracy of $TTA (scripts/bench_cifar.py) with the epochs that fit the budget left
-#   5. what time remains: MoCo with --compile, augmentation-only throughput (scripts/bench_augment.py)
+#   5. what time remains: augmentation-only throughput (scripts/bench_augment.py)
+# A whole 200-epoch run needs a call of its own, e.g. PARTS=4 TTA=simclr TTA_EPOCHS=200 ... 590.
 set -u
 OUT=${OUT:-output/device_check}
 TAR=${1:?usage: device_check.sh CIFAR10_TAR_GZ [SECONDS]}
@@ -27,6 +30,8 @@ WORK=${WORK:-/tmp/selfsup_check}
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 part() { echo; echo "=== [t=$(($(date +%s) - T0)) s, $(left) s left] $*"; }
 result() { echo "$*" | tee -a "$OUT/results.txt"; }
+PARTS=" ${PARTS:-1 2 3 4 5} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 # bench NAME TIMEOUT ARGS...: scripts/benchmark.py under a time limit, its summary line into results.txt
 bench() {
   local name=$1 limit=$2; shift 2
@@ -45,21 +50,34 @@ rm -rf "$WORK" && mkdir -p "$WORK" && tar xzf "$TAR" -C "$WORK"
 C10=$(dirname "$(find "$WORK" -maxdepth 3 -type d -name train | head -1)")
 echo "CIFAR-10 at $C10: $(find "$C10/train" -type f | wc -l) train, $(find "$C10/val" -type f | wc -l) val"
 
+if want 1; then
 part "1. CUDA tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_batch_aug.py::test_cuda_equals_cpu \
   && result "CUDA tests: passed" || result "CUDA tests: FAILED"
+fi
 
-part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
 CIFAR="$C10 --arch resnet18 --cifar-stem --crop-size 32 -b 512 --amp bf16 --workers 16 ${COMPILE:+--compile}"
 # each method with scripts/bench_cifar.py's flags (lightly's CIFAR-10 settings)
 margs() { $PY -c "import sys; sys.path.insert(0, 'scripts'); import bench_cifar; print(bench_cifar.METHOD_ARGS['$1'])"; }
-bench "moco-cifar memory" 90 moco --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs moco)
+if want 2; then
+part "2. CIFAR-10 ResNet-18 img/s, batch 512, bf16"
+# where a step's time goes: wall time vs its kernels' device time, without the loader
+timeout 120 $PY scripts/count_step_ops.py --profile --top 6 2>&1 | grep -v USDT | tee -a "$OUT/results.txt"
+bench "moco-cifar memory" 75 moco --steps 50 --warmup 20 -- $CIFAR --device-aug memory $(margs moco)
+bench "moco-cifar memory, no prefetch" 75 moco --steps 50 --warmup 20 -- $CIFAR --device-aug memory \
+  --aug-prefetch 0 $(margs moco)
 if [ -z "${MOCO_ONLY:-}" ]; then
-  bench "simclr-cifar memory" 90 simclr --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs simclr)
-  bench "byol-cifar memory" 90 byol --steps 60 --warmup 20 -- $CIFAR --device-aug memory $(margs byol)
+  bench "simclr-cifar memory" 75 simclr --steps 50 --warmup 20 -- $CIFAR --device-aug memory $(margs simclr)
+  bench "byol-cifar memory" 75 byol --steps 50 --warmup 20 -- $CIFAR --device-aug memory $(margs byol)
 fi
-bench "moco-cifar PIL" 90 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off $(margs moco)
+[ -z "${COMPILE:-}" ] && bench "moco-cifar memory --compile" 150 moco --steps 50 --warmup 30 -- $CIFAR \
+  --device-aug memory $(margs moco) --compile
+bench "moco-cifar memory --compile-mode reduce-overhead" 150 moco --steps 50 --warmup 30 -- $CIFAR \
+  --device-aug memory $(margs moco) --compile --compile-mode reduce-overhead
+bench "moco-cifar PIL" 75 moco --steps 30 --warmup 10 -- $CIFAR --device-aug off $(margs moco)
+fi
 
+if want 3; then
 part "3. ResNet-50 224 px MoCo v2 img/s, batch 256, bf16"
 timeout 60 $PY scripts/make_jpeg_set.py "$C10" "$WORK/jpeg500" --images 6400 -j 16
 R50="--v2 --moco-k 4096 -b 256 --amp bf16 --workers 16"
@@ -67,15 +85,17 @@ bench "r50 synthetic (device aug)" 60 moco --steps 20 --warmup 10 -- synthetic:2
 bench "r50 jpeg500 PIL" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug off
 bench "r50 jpeg500 files" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug files
 bench "r50 jpeg500 jpeg" 60 moco --steps 20 --warmup 5 -- "$WORK/jpeg500" $R50 --device-aug jpeg
+fi
 
 TTA=${TTA:-moco}
+if want 4; then
 part "4. $TTA CIFAR-10 time to accuracy"
 # epochs that fit what is left, keeping RESERVE (100) s for start-up, the final kNN and part 5; epoch time
 # from part 2's figure for $TTA (50,000 images per epoch)
-IMG_S=$(grep -E "^$TTA-cifar memory:" "$OUT/results.txt" | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
-if [ -n "$IMG_S" ]; then
-  EPOCHS=$($PY -c "print(max(0, min(200, int(($(left) - ${RESERVE:-100}) * $IMG_S / 50000 * 0.85))))")
-  result "time to accuracy: $EPOCHS epochs fit ($IMG_S img/s, $(left) s left)"
+IMG_S=$(grep -E "^$TTA-cifar memory:" "$OUT/results.txt" 2>/dev/null | grep -oE '[0-9.]+ img/s' | grep -oE '^[0-9.]+')
+if [ -n "${TTA_EPOCHS:-}" ] || [ -n "$IMG_S" ]; then
+  EPOCHS=${TTA_EPOCHS:-$($PY -c "print(max(0, min(200, int(($(left) - ${RESERVE:-100}) * $IMG_S / 50000 * 0.85))))")}
+  result "time to accuracy: $EPOCHS epochs (${IMG_S:-?} img/s in part 2, $(left) s left)"
   if [ "$EPOCHS" -ge 5 ]; then
     timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods "$TTA" --epochs "$EPOCHS" --workers 16 \
       ${COMPILE:+--extra "$TTA=--compile"} \
@@ -84,11 +104,12 @@ if [ -n "$IMG_S" ]; then
     cp "$WORK/bench_cifar/$TTA/log.jsonl" "$OUT/${TTA}_cifar_log.jsonl" 2>/dev/null
   fi
 else
-  result "time to accuracy: skipped (no $TTA img/s from part 2)"
+  result "time to accuracy: skipped (no $TTA img/s from part 2, no TTA_EPOCHS)"
+fi
 fi
 
+if want 5; then
 part "5. extras while time is left"
-bench "moco-cifar memory --compile" 150 moco --steps 60 --warmup 30 -- $CIFAR --device-aug memory $(margs moco) --compile
 if [ "$(left)" -gt 40 ]; then
   timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 --paths memory \
     --batch-size 512 --batches 20 --compile | tee -a "$OUT/results.txt"
@@ -96,5 +117,6 @@ fi
 if [ "$(left)" -gt 60 ]; then
   timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 224 --workers 16 \
     --batch-size 256 --batches 8 | tee -a "$OUT/results.txt"
+fi
 fi
 part "done"
