@@ -419,11 +419,12 @@ def prefetched(batches, depth, device):
         except BaseException as e:  # noqa: B036 -- handed to the consumer, which raises it
             put((e, None))
         finally:
-            batches.close()  # a DataLoader iterator inside shuts its workers down here
+            batches.close()  # ends the loop over a DataLoader inside (its non-persistent workers stop)
         put((done, None))
 
     thread = threading.Thread(target=work, name='selfsup-aug-prefetch', daemon=True)
     thread.start()
+    interrupted = False
     try:
         while True:
             item, event = items.get()
@@ -437,9 +438,13 @@ def prefetched(batches, depth, device):
                 for t in _cuda_tensors(item):
                     t.record_stream(consumer)
             yield item
+    except KeyboardInterrupt:  # Ctrl-C while waiting: do not also wait for the thread (a daemon)
+        interrupted = True
+        raise
     finally:
         stop.set()
-        thread.join()
+        if not interrupted:
+            thread.join()  # the batch in the making, at most
 
 
 def device_train_loader(data, transform, global_batch, rank, world, seed, workers, device, mode, sampler=None,
