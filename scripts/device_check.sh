@@ -8,7 +8,8 @@
 # SECONDS: the whole budget (default 540). PARTS: which parts run (default "1 2 3 4 5"); MOCO_ONLY=1:
 # part 2 measures MoCo only; COMPILE=1: part 2 runs with --compile (networks and augmentation);
 # TTA=moco|simclr|byol: part 4's method (default moco); TTA_EPOCHS: part 4's epochs (default: what fits
-# the budget at part 2's img/s); RESERVE: seconds kept back from part 4 (default 100). Parts:
+# the budget at part 2's img/s); TTA_EXTRA: more flags for part 4's method (e.g. "--aug-prefetch 0");
+# RESERVE: seconds kept back from part 4 (default 100). Parts:
 #   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
 #   2. CIFAR-10 ResNet-18 step profile (scripts/count_step_ops.py --profile), img/s of MoCo v2, SimCLR
 #      and BYOL, batch 512, bf16, --device-aug memory (scripts/benchmark.py); MoCo also without the
@@ -98,7 +99,7 @@ if [ -n "${TTA_EPOCHS:-}" ] || [ -n "$IMG_S" ]; then
   result "time to accuracy: $EPOCHS epochs (${IMG_S:-?} img/s in part 2, $(left) s left)"
   if [ "$EPOCHS" -ge 5 ]; then
     timeout $(($(left) - 20)) $PY scripts/bench_cifar.py "$C10" --methods "$TTA" --epochs "$EPOCHS" --workers 16 \
-      ${COMPILE:+--extra "$TTA=--compile"} \
+      --extra "$TTA=${COMPILE:+--compile} ${TTA_EXTRA:-}" \
       --output-dir "$WORK/bench_cifar" 2>&1 | tail -5 | tee -a "$OUT/results.txt"
     cp "$WORK/bench_cifar/bench_cifar.json" "$OUT/" 2>/dev/null
     cp "$WORK/bench_cifar/$TTA/log.jsonl" "$OUT/${TTA}_cifar_log.jsonl" 2>/dev/null
