@@ -533,7 +533,12 @@ def from_transform(t):
         elif crop is None:
             raise ValueError(f'{type(op).__name__} before RandomResizedCrop: the batched path starts with the crop')
         elif isinstance(op, T.RandomHorizontalFlip) and not flip_p:
-            flip_p = op.p  # commutes with every later step: folded into the crop's resampling
+            # folded into the crop's resampling, i.e. moved before the ops so far: they must commute
+            # with it (pointwise ops and the symmetric blur do, a rotation does not)
+            if any(isinstance(o, Rotate) for o in ops):
+                raise ValueError('RandomHorizontalFlip after RandomRotation has no batched equivalent (the flip '
+                                 'is folded into the crop)')
+            flip_p = op.p
         elif isinstance(op, T.RandomApply):
             if len(op.transforms) != 1:
                 raise ValueError('RandomApply of several ops has no batched equivalent')

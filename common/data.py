@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._pytree import tree_leaves
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 REPO = Path(__file__).resolve().parent.parent
@@ -379,14 +380,6 @@ class DeviceAugLoader:
             it += 1
 
 
-def _cuda_tensors(obj):
-    if torch.is_tensor(obj):
-        return [obj] if obj.is_cuda else []
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _cuda_tensors(o)]
-    return []
-
-
 def prefetched(batches, depth, device):
     """Yields the items of the generator `batches`, each made up to `depth` items ahead by a background
     thread, so that augmenting the next batch overlaps the training step on this one. On CUDA the
@@ -435,8 +428,9 @@ def prefetched(batches, depth, device):
             if event is not None:
                 consumer = torch.cuda.current_stream(device)
                 consumer.wait_event(event)
-                for t in _cuda_tensors(item):
-                    t.record_stream(consumer)
+                for t in tree_leaves(item):
+                    if torch.is_tensor(t) and t.is_cuda:
+                        t.record_stream(consumer)
             yield item
     except KeyboardInterrupt:  # Ctrl-C while waiting: do not also wait for the thread (a daemon)
         interrupted = True
@@ -461,8 +455,9 @@ def device_train_loader(data, transform, global_batch, rank, world, seed, worker
     except ValueError as e:
         raise SystemExit(f'--device-aug {mode}: {e}; drop --device-aug') from None
     local_bs = global_batch // world
+    synthetic = str(data).startswith('synthetic')
     try:
-        if str(data).startswith('synthetic'):
+        if synthetic:
             size = int(str(data).partition(':')[2] or 224)
             dataset = SyntheticDataset(length=1_281_167, size=1)  # lengths, labels and classes only
             g = torch.Generator().manual_seed(0)
@@ -474,7 +469,7 @@ def device_train_loader(data, transform, global_batch, rank, world, seed, worker
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'data: {e}') from None
     labels = torch.tensor(dataset.targets)
-    if str(data).startswith('synthetic'):
+    if synthetic:
         loader = DeviceAugLoader(recipe, sampler, local_bs, device, seed, rank, memory=pool, labels=labels,
                                  prefetch=prefetch)
     elif mode == 'memory':

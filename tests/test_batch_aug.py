@@ -170,6 +170,8 @@ def test_rotation_recipe_and_refusals():
         B.from_transform(T.Compose([T.RandomResizedCrop(32), T.RandomRotation(2, expand=True)]))
     with pytest.raises(ValueError, match='RandomPerspective has no batched equivalent'):
         B.from_transform(T.Compose([T.RandomResizedCrop(32), T.RandomPerspective()]))
+    with pytest.raises(ValueError, match='RandomHorizontalFlip after RandomRotation'):
+        B.from_transform(T.Compose([T.RandomResizedCrop(32), T.RandomRotation(2), T.RandomHorizontalFlip()]))
     mv = B.from_transform(augment.MultiView(augment.byol(32, 1), augment.byol(32, 2)))
     assert mv.n_views == 2 and [len(v.ops) for v in mv.recipes] == [3, 4]
 
