@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
+from common.log import start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
 from common.resnet import build_resnet
 
 WARMUP_RATIO = 1e-4  # OSS r50_bs256_ep200: linear warm-up starts at 1e-4 x LR
@@ -69,12 +69,12 @@ def get_parser():
     g.add_argument('--dim', type=int, default=256, help='output width of projector and predictor')
     g.add_argument('--tau', type=float, default=0.996, help='base target EMA rate tau0 (cosine to 1)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('-b', '--batch-size', type=int, default=256,
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256,
                    help='GLOBAL batch of one forward over all processes (each takes batch/world)')
     g.add_argument('--accum-steps', type=int, default=1,
                    help='optimizer step every N batches (gradient accumulation): effective batch = batch x N')
-    g.add_argument('--lr', type=float, default=0.2, help='LR per 256 images of the effective batch; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=0.2, help='LR per 256 images of the effective batch; scaled linearly')
     g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up, per optimizer step')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=1.5e-6, help='weight decay (LARS: not on BN and bias)')
@@ -172,14 +172,10 @@ class BYOL(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'byol')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
-    if ckpt and (ckpt['args']['batch_size'], ckpt['args']['accum_steps']) != (args.batch_size, args.accum_steps):
-        raise SystemExit(f'--resume {ckpt_path}: written with --batch-size {ckpt["args"]["batch_size"]} '
-                         f'--accum-steps {ckpt["args"]["accum_steps"]}; resume with the same (steps count from them)')
-
     # ============ data ============
     accum = args.accum_steps
     sync_bn = (world > 1 and device.type == 'cuda') if args.sync_bn is None else args.sync_bn
@@ -216,7 +212,7 @@ def main(argv=None):
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size * accum}/256')
     optimizer = optim.lars_or_sgd(core, args, lr, log.print, ckpt=ckpt)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.online, core.predictor, core.target, loader)  # --compile
     del ckpt
 
@@ -241,7 +237,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
     accum = args.accum_steps
     steps = iters // accum  # optimizer steps per epoch
     total = args.epochs * steps  # K of the tau schedule
-    meter = TrainMeter(log, epoch, steps, args.batch_size * accum, device, args.print_freq)
+    meter = run.train_meter(epoch, steps, args.batch_size * accum)
     fmt = memory_format(device)
     loss_sum = 0.0
     for it, (images, _, _) in enumerate(loader, start=start_iter):

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from common import augment, checkpoint, cluster, dist, optim
 from common.data import SAMPLE_DATA, EpochSampler, build_dataset, train_loader
 from common.features import iter_features
-from common.log import TrainMeter, peak_memory_mb, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
+from common.log import peak_memory_mb, start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
 from common.resnet import build_resnet, build_resnet_sobel
 
 # ============ arguments ============
@@ -82,10 +82,10 @@ def get_parser():
     g.add_argument('--quota', choices=['k', 'nonempty'], default='k',
                    help='uniform sampling: int(N/k)+1 draws per cluster (OSS) or int(N/#non-empty)+1 (original)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('-b', '--batch-size', type=int, default=512,
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=512,
                    help='GLOBAL batch over all processes (each process takes batch/world)')
-    g.add_argument('--lr', type=float, default=0.05, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=0.05, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[], help='x0.1 at these epochs (without --cos)')
     g.add_argument('--cos', action='store_true', help='cosine LR schedule (per epoch) instead of steps')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
@@ -93,7 +93,7 @@ def get_parser():
     g.add_argument('--wd', type=float, default=1e-5, help='weight decay')
     optim.add_param_group_arg(g, default=[r'^head\.:momentum=0'],
                               note='added to the default (head without momentum, OSS)')
-    g = add_run_args(p, 'output/deepcluster', device_aug=True)
+    g = add_run_args(p, 'output/deepcluster', dist_timeout=30, device_aug=True)
     g.add_argument('--crop-size', type=int, default=224, help='training crop (32 for CIFAR)')
     g.add_argument('--min-crop', type=float, default=0.08, help='smallest RandomResizedCrop area (share of the image)')
     return p
@@ -163,8 +163,8 @@ def round_seed(seed, rnd):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'deepcluster')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
     try:
@@ -210,7 +210,7 @@ def main(argv=None):
     groups = optim.param_groups(core, args.param_group, log.print)
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.backbone, loader)  # --compile
     del ckpt
     rnd = run.ckpt_extra.get('round', -1)  # the round whose labels are in core.labels (-1: none yet)
@@ -236,7 +236,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
                     log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
-    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    meter = run.train_meter(epoch, iters, args.batch_size)
     fmt = memory_format(device)
     for it, (images, _, idx) in enumerate(loader, start=start_iter):
         meter.data_ready()

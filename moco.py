@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
+from common.log import start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -53,10 +53,10 @@ def get_parser():
     g.add_argument('--v2', action='store_true', help='MoCo v2: sets --mlp --moco-t 0.2 --aug-plus --cos '
                    '(flags given explicitly still win)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('-b', '--batch-size', type=int, default=256,
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256,
                    help='GLOBAL batch over all processes (each process takes batch/world)')
-    g.add_argument('--lr', type=float, default=0.03, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=0.03, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[120, 160], help='x0.1 at these epochs (without --cos)')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
     g.add_argument('--momentum', type=float, default=0.9)
@@ -153,8 +153,8 @@ class MoCo(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'moco')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
 
@@ -200,7 +200,7 @@ def main(argv=None):
     groups = optim.param_groups(core, args.param_group, log.print)
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    run = Run(args, core, 'encoder_q', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'encoder_q', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.encoder_q, core.encoder_k, loader)  # --compile
     del ckpt
 
@@ -220,7 +220,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
                     log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
-    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    meter = run.train_meter(epoch, iters, args.batch_size)
     fmt = memory_format(device)
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()

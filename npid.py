@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
 from common.knn import extract_features, knn_predict
-from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
+from common.log import start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -59,10 +59,10 @@ def get_parser():
     g.add_argument('--nce', action='store_true', help='the paper\'s NCE objective (lemniscate NCEAverage/NCECriterion) '
                    'instead of softmax CE; sets --npid-k 4096 unless given')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('-b', '--batch-size', type=int, default=256,
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256,
                    help='GLOBAL batch over all processes (each process takes batch/world)')
-    g.add_argument('--lr', type=float, default=0.03, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=0.03, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[120, 160], help='x0.1 at these epochs (without --cos)')
     g.add_argument('--cos', action='store_true', help='cosine LR schedule (per epoch) instead of steps')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, per iteration')
@@ -189,8 +189,8 @@ def bank_knn(model, val_set, bank_labels, num_classes, k, workers, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'npid')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
 
@@ -233,7 +233,7 @@ def main(argv=None):
         bank_labels = torch.tensor(train_set.targets, device=device)
         if (bank_labels < 0).any():
             raise SystemExit('--knn-every needs labelled training images (class folders); drop --knn-every')
-    run = Run(args, core, 'encoder', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'encoder', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.encoder, loader)  # --compile
     del ckpt
 
@@ -257,7 +257,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
                     log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
-    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    meter = run.train_meter(epoch, iters, args.batch_size)
     fmt = memory_format(device)
     for it, (images, _, idx) in enumerate(loader, start=start_iter):
         meter.data_ready()

@@ -34,8 +34,8 @@ import torchvision.transforms as T
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules
+from common.log import start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, positive
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -50,11 +50,11 @@ def get_parser():
     g = p.add_argument_group('model')
     add_backbone_args(g)
     g = p.add_argument_group('optimisation (OpenSelfSup rotation_pred/r50.py)')
-    g.add_argument('--epochs', type=int, default=70)
-    g.add_argument('-b', '--batch-size', type=int, default=128,
+    g.add_argument('--epochs', type=positive(int), default=70)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=128,
                    help='GLOBAL batch of *images* over all processes (each process takes batch/world); '
                         'the network sees 4 rotated copies of each')
-    g.add_argument('--lr', type=float, default=0.4,
+    g.add_argument('--lr', type=positive(float), default=0.4,
                    help='LR for a global batch of 256 images (1024 rotated copies); scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[30, 50], help='x0.1 at these epochs')
     g.add_argument('--warmup-epochs', type=float, default=5, help='linear warm-up, per iteration')
@@ -127,8 +127,8 @@ class RotationPred(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'rotation')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
 
@@ -156,7 +156,7 @@ def main(argv=None):
     groups = optim.param_groups(core, args.param_group, log.print)
     optimizer = torch.optim.SGD(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core, loader)  # --compile (the forward calls backbone.pooled)
     del ckpt
 
@@ -176,7 +176,7 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, start_iter, iters, 
                     run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
-    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    meter = run.train_meter(epoch, iters, args.batch_size)
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()
         lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, False, args.schedule,

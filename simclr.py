@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, train_loader
-from common.log import TrainMeter, start_run
-from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format
+from common.log import start_run
+from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
 from common.resnet import build_resnet
 
 # ============ arguments ============
@@ -70,10 +70,10 @@ def get_parser():
     g.add_argument('--color-strength', type=float, default=1.0,
                    help='colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) (paper: 1.0 ImageNet, 0.5 CIFAR-10)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('-b', '--batch-size', type=int, default=256,
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256,
                    help='GLOBAL batch of images over all processes (each process takes batch/world)')
-    g.add_argument('--lr', type=float, default=0.3, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=0.3, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--warmup-epochs', type=float, default=10, help='linear warm-up, per iteration')
     g.add_argument('--warmup-ratio', type=float, default=1e-4, help='warm-up starts at this fraction of the LR')
     g.add_argument('--momentum', type=float, default=0.9)
@@ -175,8 +175,8 @@ def interleave(views):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device)
-    ckpt_path, ckpt = checkpoint.open_resume(args)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    ckpt_path, ckpt = checkpoint.open_resume(args, 'simclr')
     dist.seed_all(args.seed, args.deterministic)
     log, git = start_run(args, world, device)
 
@@ -213,7 +213,7 @@ def main(argv=None):
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256')
     optimizer = optim.lars_or_sgd(core, args, lr, log.print, args.eta, ckpt)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device)
+    run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.backbone, core.head, loader)  # --compile
     del ckpt
 
@@ -233,7 +233,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
                     log, run):
     """One epoch from `start_iter`; returns True when --max-steps was reached."""
     model.train()
-    meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+    meter = run.train_meter(epoch, iters, args.batch_size)
     fmt = memory_format(device)
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()

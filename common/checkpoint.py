@@ -6,6 +6,7 @@ A training checkpoint is a dict with at least
   args, epoch, iter, optimizer, scaler, rng, git
 and loads with torch.load(weights_only=True): only tensors and plain Python values are stored.
 """
+import contextlib
 import hashlib
 import os
 import random
@@ -35,18 +36,36 @@ def git_commit():
 
 def save_atomic(obj, path):
     """torch.save to a temp file in the same folder, fsync, then rename: a crash or kill mid-write
-    leaves the previous file intact."""
+    leaves the previous file intact. A failed write (full disk, I/O error) removes the temp file and
+    raises OSError naming `path` and the OS error."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(f'cannot write {path}: {os_reason(e)}') from None
 
 
-def load(path, map_location='cpu', weights_only=True):
-    """torch.load with a clear error; weights_only=True unless the caller opts out."""
+def os_reason(e):
+    """The OS error inside `e`: torch.save reports a full disk as a RuntimeError whose text holds
+    it mid-way ('... No space left on device ...')."""
+    if isinstance(e, OSError):
+        return f'[Errno {e.errno}] {e.strerror}' if e.strerror else str(e)
+    text = ' '.join(str(e).split())
+    m = re.search(r'(No space left on device|Disk quota exceeded|Read-only file system|Input/output error|'
+                  r'Permission denied)', text)
+    return m.group(1) if m else text[:200]
+
+
+def load(path, map_location='cpu', weights_only=True, unsafe_flag='--unsafe-load'):
+    """torch.load with a clear error; weights_only=True unless the caller opts out. `unsafe_flag`:
+    the opt-out flag the calling program has, named in the hint (None: it has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
@@ -54,9 +73,15 @@ def load(path, map_location='cpu', weights_only=True):
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001
-        hint = ' (it holds non-tensor objects; pass --unsafe-load only if you trust the file)' \
-            if weights_only and 'weights_only' in str(e) else ''
-        raise RuntimeError(f'cannot load checkpoint {path}: {str(e).splitlines()[0]}{hint}') from None
+        if weights_only and 'weights_only' in str(e):
+            hint = (f' (it holds non-tensor objects; pass {unsafe_flag} only if you trust the file)' if unsafe_flag
+                    else ' (it holds Python objects, which no selfsup program writes)')
+        else:
+            hint = ''
+        reason = (str(e).splitlines() or [''])[0]
+        if isinstance(e, (KeyError, EOFError)) or not reason or len(reason) < 8:
+            reason = f'not a PyTorch file, or a truncated one ({type(e).__name__}: {reason or "empty"})'
+        raise RuntimeError(f'cannot load checkpoint {path}: {reason}{hint}') from None
 
 
 def rng_state():
@@ -87,24 +112,197 @@ def all_rng_states():
     return dist.gather_objects(rng_state())
 
 
-def resume_path(resume, output_dir):
-    """--resume PATH, or 'auto' -> output_dir/checkpoint_last.pth if it exists (else None)."""
-    if not resume:
-        return None
-    if resume == 'auto':
-        p = Path(output_dir) / 'checkpoint_last.pth'
-        return p if p.is_file() else None
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f'--resume {resume}: no such checkpoint file')
-    return Path(resume)
+# ---------------------------------------------------------------- output folders and resume checks
+
+# Flags that may change when a run is resumed: speed, logging, checkpoint cadence, the length of the
+# run (--epochs extends it) and where the data lives (its content is checked by Run). Every other
+# flag defines the run, and resuming with another value stops with the difference.
+MAY_CHANGE = {'workers', 'print_freq', 'epochs', 'output_dir', 'device', 'resume', 'overwrite', 'save_freq',
+              'save_iters', 'max_steps', 'knn_every', 'knn_k', 'knn_t', 'tensorboard', 'compile', 'compile_mode',
+              'aug_prefetch', 'amp', 'deterministic', 'dist_timeout', 'data', 'unsafe_load'}
+# What a training program leaves in --output-dir; --overwrite deletes these and nothing else. The
+# results of evaluating those files (NAME.pth.knn.json, eval/lincls.py's files) go with them, since
+# they describe the model that is being replaced.
+RUN_FILES = ('checkpoint_last.pth', 'checkpoint_[0-9]*.pth', 'backbone.pth')
+RUN_LEFTOVERS = ('*.pth.tmp', '*.pth.*.json', 'log.jsonl', 'log_stale.jsonl', 'lincls_checkpoint.pth',
+                 'lincls_log.jsonl', 'tb')
 
 
-def open_resume(args):
-    """Loads the checkpoint named by --resume (or None) and settles args.seed: a resumed run keeps its
-    seed, since the augmentation of every sample depends on it; a fresh run without --seed draws one
-    (the same on every process). Returns (path, checkpoint)."""
-    path = resume_path(args.resume, args.output_dir)
-    ckpt = load(path) if path else None
+def check_writable(folder, flag='--output-dir'):
+    """Creates `folder` and writes a probe file in it: SystemExit naming the folder and the OS error
+    (under /proc, under a file, read-only, full) before anything else runs."""
+    folder = Path(folder)
+    probe = folder / f'.selfsup_write_test_{os.getpid()}'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b'0')
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f'{flag} {folder}: cannot write there ({os_reason(e)}); choose a writable folder') from None
+
+
+def _flag(key):
+    return 'data' if key == 'data' else '--' + key.replace('_', '-')
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def changed_args(saved, args, may_change=MAY_CHANGE):
+    """(run-defining differences, allowed changes) between the args a checkpoint saved and `args`,
+    each a list of 'FLAG OLD -> NEW'. Flags the checkpoint does not know are not compared."""
+    hard, soft = [], []
+    for k, new in sorted(vars(args).items()):
+        if k in saved and _norm(saved[k]) != _norm(new):
+            (soft if k in may_change else hard).append(f'{_flag(k)} {saved[k]} -> {new}')
+    return hard, soft
+
+
+def _describe(ckpt):
+    """'a moco.py checkpoint at epoch E iteration I of N epochs' and friends, for messages."""
+    a = ckpt.get('args', {})
+    return (f'{ckpt.get("method", a.get("method", "selfsup"))}.py checkpoint at epoch {ckpt["epoch"]} '
+            f'iteration {ckpt["iter"]} of {a.get("epochs", "?")} epochs')
+
+
+def load_training(path, method, flag='--resume'):
+    """A training checkpoint of `method` from `path`, or SystemExit saying in one line what the file
+    is instead (missing, not a checkpoint, a backbone file, another method's or program's)."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f'{flag} {path} does not exist')
+    try:
+        ckpt = load(path, unsafe_flag=None)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f'{flag} {path} is not a selfsup training checkpoint ({str(e).split(": ", 1)[1]})') from None
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f'{flag} {path} is not a selfsup training checkpoint (it holds a {type(ckpt).__name__})')
+    if 'model' in ckpt and 'backbone_prefix' in ckpt:
+        other = ckpt.get('method', ckpt.get('args', {}).get('method'))
+        if other and other != method:
+            raise SystemExit(f'{flag} {path} is a {other}.py checkpoint; {method}.py cannot resume it '
+                             f'(continue it with {other}.py, or start {method}.py in another --output-dir)')
+        return ckpt
+    if ckpt.get('kind') in ('lincls', 'semi') or {'fc', 'pretrained'} <= ckpt.keys():
+        prog = 'eval/semi.py' if ckpt.get('kind') == 'semi' else 'eval/lincls.py'
+        raise SystemExit(f'{flag} {path} is a checkpoint of {prog}, not of a training program')
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise SystemExit(f'{flag} {path} is a backbone file, not a training checkpoint: use it with --pretrained '
+                         f'(eval/lincls.py, eval/knn.py, ...)')
+    if 'state_dict' in ckpt:
+        raise SystemExit(f'{flag} {path} is a facebookresearch/moco-style checkpoint; selfsup cannot resume it '
+                         f'(evaluate it with --pretrained)')
+    raise SystemExit(f'{flag} {path} is not a selfsup training checkpoint (top-level keys {list(ckpt)[:10]})')
+
+
+def run_files(folder):
+    """The files of a training run in `folder` (see RUN_FILES), sorted."""
+    folder = Path(folder)
+    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern) if p.is_file()})
+
+
+def held_run_message(folder, method):
+    """One line for a folder that holds a run, naming what it holds and the flags that continue it
+    or start over."""
+    folder = Path(folder)
+    last = folder / 'checkpoint_last.pth'
+    ckpt = None
+    if last.is_file():
+        with contextlib.suppress(Exception):
+            ckpt = torch.load(last, map_location='cpu', weights_only=True, mmap=True)
+    if isinstance(ckpt, dict) and 'epoch' in ckpt:
+        other = ckpt.get('method', ckpt.get('args', {}).get('method', method))
+        how = ('continue it with --resume auto' if other == method else
+               f'continue it with {other}.py --resume auto')
+        what = f'a {_describe(ckpt)}'
+    else:
+        how, what = 'it cannot be continued', ', '.join(p.name for p in run_files(folder)[:4])
+    return (f'--output-dir {folder} already holds a run ({what}); {how}, or start over with --overwrite '
+            f'(deletes it), or choose another --output-dir')
+
+
+def clear_run(folder, verbose=False):
+    """--overwrite: deletes the training files of `folder` (RUN_FILES, RUN_LEFTOVERS); returns how
+    many it removed."""
+    import shutil
+    folder, n = Path(folder), 0
+    for pattern in RUN_FILES + RUN_LEFTOVERS:
+        for p in folder.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            n += 1
+    if verbose and n:
+        print(f'--overwrite: deleted {n} files of the previous run in {folder}', flush=True)
+    return n
+
+
+def set_aside_log(folder, name='log.jsonl'):
+    """A log without a checkpoint beside it (a run killed before its first save) is moved to the
+    end of log_stale.jsonl, so that the new run's log.jsonl holds the new run only."""
+    log = Path(folder) / name
+    if log.is_file() and log.stat().st_size:
+        with open(Path(folder) / 'log_stale.jsonl', 'ab') as f:
+            f.write(log.read_bytes())
+        log.unlink()
+
+
+def claim_output_dir(args, method):
+    """Decides, before anything is written, what this run does with --output-dir and --resume:
+    returns (checkpoint path, checkpoint) to continue, or (None, None) for a fresh run. A folder that
+    holds another run is never written over unless --overwrite says so; see README 'Runs and faults'."""
+    out = Path(args.output_dir)
+    check_writable(out)
+    last = out / 'checkpoint_last.pth'
+    if not args.resume or (args.resume == 'auto' and not last.is_file()):
+        if args.resume == 'auto':
+            print(f'--resume auto: no checkpoint in {out}; starting a fresh run', flush=True)
+        if run_files(out) and not args.overwrite:
+            raise SystemExit(held_run_message(out, method))
+        if args.overwrite:
+            clear_run(out, verbose=True)
+        set_aside_log(out)
+        return None, None
+    path = last if args.resume == 'auto' else Path(args.resume)
+    ckpt = load_training(path, method)
+    own = path.resolve().parent == out.resolve()
+    if own and args.overwrite:
+        raise SystemExit(f'--overwrite would delete {path}, which --resume continues; drop one of the two')
+    if own and path.name != last.name and last.is_file():
+        later = torch.load(last, map_location='cpu', weights_only=True, mmap=True)
+        if (later['epoch'], later['iter']) != (ckpt['epoch'], ckpt['iter']):
+            raise SystemExit(f'--resume {path}: {out} holds a later checkpoint ({_describe(later)}), which this run '
+                             f'would replace; continue that one with --resume auto, or resume {path.name} into '
+                             f'another --output-dir')
+    if not own and run_files(out):
+        if not args.overwrite:
+            raise SystemExit(held_run_message(out, method))
+        clear_run(out, verbose=True)
+    hard, soft = changed_args(ckpt.get('args', {}), args)
+    if hard:
+        raise SystemExit(f'--resume {path}: these flags differ from the checkpoint\'s run: {"; ".join(hard)}; '
+                         f'resume with the checkpoint\'s values, or start a new run in another --output-dir')
+    if soft:
+        print(f'--resume {path}: continuing with changed flags: {"; ".join(soft)}', flush=True)
+    return path, ckpt
+
+
+def open_resume(args, method):
+    """Claims --output-dir, loads the checkpoint named by --resume (or None) and settles args.seed: a
+    resumed run keeps its seed, since the augmentation of every sample depends on it; a fresh run
+    without --seed draws one (the same on every process). Rank 0 decides (claim_output_dir) and
+    every process ends with its message when it refuses. Returns (path, checkpoint)."""
+    args.method = method  # saved with the args: a checkpoint says which program wrote it
+    kept = {}
+
+    def decide():
+        kept['path'], kept['ckpt'] = claim_output_dir(args, method)
+        return kept['path'] and str(kept['path'])
+    path = dist.on_main(decide)
+    if path is None:
+        ckpt = None
+    else:
+        ckpt = kept['ckpt'] if dist.is_main() else load(path)
+        path = Path(path)
     if args.seed is None:
         args.seed = ckpt['args']['seed'] if ckpt else int(dist.broadcast(torch.randint(0, 2 ** 31, (1,)))[0])
     return path, ckpt

@@ -1,5 +1,6 @@
 """Distributed helpers. Every function works without a process group (it is then a no-op on one
 process), so the same script runs under plain `python` and under torchrun on N processes/nodes."""
+import datetime
 import os
 import random
 
@@ -24,21 +25,25 @@ def is_main():
     return get_rank() == 0
 
 
-def init_distributed(device_arg=None):
+def init_distributed(device_arg=None, timeout_min=None):
     """Sets up from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPU, gloo on CPU.
 
     Returns (rank, world_size, device). `device_arg` ('cpu', 'cuda') overrides auto-selection.
+    `timeout_min`: minutes a collective may wait for the other processes before the run fails
+    (--dist-timeout), instead of hanging on a stalled one; None = PyTorch's default.
     """
     world = int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     use_cuda = torch.cuda.is_available() if device_arg in (None, 'auto') else device_arg == 'cuda'
     if device_arg == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError('--device cuda given but no CUDA device is visible; use --device cpu')
+        raise SystemExit('--device cuda given but no CUDA device is visible; use --device cpu')
     device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not is_dist():
-        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
+        timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None,
+                                timeout=timeout)
     return get_rank(), get_world_size(), device
 
 
@@ -89,6 +94,29 @@ def gather_objects(obj):
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(fn):
+    """fn() on rank 0, its (picklable) result on every process. A SystemExit in fn ends every process:
+    rank 0 with its message, the others silently (so that a refusal at start does not leave them
+    waiting at the next collective, and is printed once)."""
+    out = [None]
+    if is_main():
+        try:
+            out = [('ok', fn())]
+        except SystemExit as e:
+            out = [('exit', e.code)]
+    if is_dist():
+        dist.broadcast_object_list(out, 0)
+    kind, value = out[0]
+    if kind == 'exit':
+        raise SystemExit(value if is_main() else 1)
+    return value
+
+
+def exit_all(message):
+    """SystemExit on every process for an error they all found alike: printed by rank 0 only."""
+    raise SystemExit(message if is_main() else 1)
 
 
 def barrier():

@@ -1,6 +1,7 @@
 """Logging: progress lines on stdout, one JSON object per record in output-dir/log.jsonl, optional
 TensorBoard scalars. Only rank 0 writes; other ranks' calls are no-ops."""
 import json
+import os
 import resource
 import sys
 import time
@@ -34,16 +35,47 @@ class Logger:
             print(*a, flush=True)
 
     def record(self, step=None, **kv):
-        """Appends one JSON line; numeric values also go to TensorBoard (tag = key) at `step`."""
+        """Appends one JSON line; numeric values also go to TensorBoard (tag = key) at `step`. A write
+        that fails (full disk) warns once and stops the file; training goes on, and the next
+        checkpoint, which cannot be written either, stops the run with its message."""
         if not self.main:
             return
         kv = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in kv.items()}
         if self.file:
-            self.file.write(json.dumps(kv) + '\n')
+            try:
+                self.file.write(json.dumps(kv) + '\n')
+            except OSError as e:
+                self.print(f'warning: cannot write {self.file.name} ({e.strerror or e}); no more log records')
+                self.file = None
         if self.tb is not None and step is not None:
             for k, v in kv.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f'{kv.get("type", "train")}/{k}', v, step)
+
+    def tell(self):
+        """Bytes written to the log file so far (saved with a checkpoint; None off rank 0)."""
+        if not self.file:
+            return None
+        self.file.flush()
+        return self.file.tell()
+
+    def truncate(self, size):
+        """Resume: the records after byte `size` were written after the checkpoint and are redone by
+        this run; they move to log_stale.jsonl so that every (epoch, iter) appears once in the log.
+        Returns the number of records moved."""
+        if not self.file or size is None:
+            return 0
+        self.file.flush()
+        path = Path(self.file.name)
+        if path.stat().st_size <= size:
+            return 0
+        with open(path, 'rb') as f:
+            f.seek(size)
+            tail = f.read()
+        with open(path.with_name('log_stale.jsonl'), 'ab') as f:
+            f.write(tail)
+        os.truncate(path, size)  # the file is open for appending: the next record follows byte `size`
+        return tail.count(b'\n')
 
     def close(self):
         if self.file:
@@ -137,6 +169,25 @@ class TrainMeter:
                         lr=lr, img_s=self.bs * self.n / dt, data_time=self.data.val,
                         peak_mem_mb=peak_memory_mb(self.device), **vals)
         self._reset()
+
+    def state_dict(self):
+        """The epoch's statistics so far, for a checkpoint taken mid-epoch: a resumed run's progress
+        lines and epoch summary then cover the whole epoch, not only the steps after the resume."""
+        meters = {k: dict(val=m.val, sum=m.sum, count=m.count) for k, m in
+                  dict(self.meters, _time=self.time, _data=self.data).items()}
+        return dict(epoch=self.epoch, sums={k: float(v) for k, v in self.sums.items()}, n=self.n,
+                    win_data=self.win_data, win_time=time.perf_counter() - self.start, meters=meters)
+
+    def load_state_dict(self, s):
+        self.sums, self.n, self.win_data = dict(s['sums']), s['n'], s['win_data']
+        self.start = time.perf_counter() - s['win_time']
+        for k, v in s['meters'].items():
+            m = {'_time': self.time, '_data': self.data}.get(k)
+            if m is None:
+                name, fmt = self.NAMES.get(k, (k, ':.4f'))
+                m = self.meters[k] = Meter(name, fmt)
+            m.val, m.sum, m.count = v['val'], v['sum'], v['count']
+            m.avg = m.sum / m.count if m.count else 0.0
 
     def epoch_end(self, **extra):
         """Records the epoch's averages (of the logged windows, weighted by their steps)."""
