@@ -15,6 +15,13 @@ timm: the same tensors under the same names: timm's ResNet (timm/models/resnet.p
   timm.create_model('resnet50', num_classes=0).load_state_dict(sd); checked against timm when
   it is installed.
 detectron2: eval/detection/convert_to_detectron2.py (see eval/detection/README.md).
+
+ViT backbones (common.vit, timm names; also MoCo v3 and DINO checkpoints, methods-modern.md §0b.4):
+torchvision: renamed for torchvision.models.VisionTransformer (common.vit.to_torchvision) and
+  strictly loaded into one of the same size with heads = Identity. The number of heads is not in
+  the weights: build it with the run's (ViT-S: 6 for DINO, 12 for MoCo v3).
+timm: the same tensors under the same names, strictly loaded into timm's VisionTransformer when timm
+  is installed. detectron2: ResNets only.
 Every conversion fails with the key names when a tensor is left over or missing.
 """
 import argparse
@@ -28,6 +35,8 @@ import torch.nn as nn  # noqa: E402
 from common import checkpoint  # noqa: E402
 from common.features import build_backbone  # noqa: E402
 from common.resnet import infer_resnet_config  # noqa: E402
+from common.vit import (holds_vit, infer_vit_config, to_torchvision, torchvision_vit,  # noqa: E402
+                        vit_backbone_state_dict)
 from eval.detection.convert_to_detectron2 import convert as convert_detectron2  # noqa: E402
 
 TORCHVISION_ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
@@ -71,9 +80,33 @@ def check_timm(sd, cfg):
     return f'loads strictly into timm.create_model({cfg["arch"]!r}, num_classes=0)'
 
 
+def convert_vit(sd, to):
+    """(state dict in the target's names, note) for a ViT backbone with timm names."""
+    cfg = infer_vit_config(sd, num_heads=1)  # heads change no shape: any number checks the names and shapes
+    size = (f'img_size={cfg["img_size"]}, patch_size={cfg["patch_size"]}, embed_dim={cfg["embed_dim"]}, '
+            f'depth={cfg["depth"]}')
+    heads = 'num_heads as in training (not stored in the weights)'
+    if to == 'torchvision':
+        out = to_torchvision(sd)
+        strict_load(torchvision_vit(cfg), out, f'torchvision VisionTransformer ({size})')
+        return out, (f'loads strictly into torchvision.models.VisionTransformer(image_size={cfg["img_size"]}, '
+                     f'patch_size={cfg["patch_size"]}, num_layers={cfg["depth"]}, hidden_dim={cfg["embed_dim"]}, '
+                     f'mlp_dim={int(cfg["embed_dim"] * cfg["mlp_ratio"])}, {heads}) with heads = Identity')
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return sd, f'timm names already (timm is not installed: timm itself not checked; {size})'
+    model = VisionTransformer(img_size=cfg['img_size'], patch_size=cfg['patch_size'], in_chans=cfg['in_chans'],
+                              num_classes=0, embed_dim=cfg['embed_dim'], depth=cfg['depth'],
+                              num_heads=cfg['num_heads'], mlp_ratio=cfg['mlp_ratio'], qkv_bias=cfg['qkv_bias'])
+    strict_load(model, sd, f'timm VisionTransformer ({size})')
+    return sd, f'loads strictly into timm.models.vision_transformer.VisionTransformer({size}, num_classes=0, {heads})'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('input', help='selfsup checkpoint, backbone.pth, moco checkpoint or torchvision state dict')
+    p.add_argument('input', help='selfsup checkpoint, backbone.pth, moco / MoCo v3 / DINO checkpoint, or a '
+                   'torchvision ResNet or timm ViT state dict')
     p.add_argument('output', help='file to write')
     p.add_argument('--to', required=True, choices=['torchvision', 'timm', 'detectron2'], help='target format')
     p.add_argument('--unsafe-load', action='store_true', help='torch.load with weights_only=False (trusted files only)')
@@ -84,9 +117,13 @@ def main(argv=None):
             print(f'{n} tensors written to {args.output} (detectron2 names); options for this backbone: ' +
                   ' '.join(f'{k} {v}' for k, v in overrides.items()))
             return
-        sd = checkpoint.backbone_state_dict(checkpoint.load(args.input, weights_only=not args.unsafe_load))
-        cfg = infer_resnet_config(sd)
-        note = check_torchvision(sd, cfg) if args.to == 'torchvision' else check_timm(sd, cfg)
+        ckpt = checkpoint.load(args.input, weights_only=not args.unsafe_load)
+        if holds_vit(ckpt):
+            sd, note = convert_vit(vit_backbone_state_dict(ckpt), args.to)
+        else:
+            sd = checkpoint.backbone_state_dict(ckpt)
+            cfg = infer_resnet_config(sd)
+            note = check_torchvision(sd, cfg) if args.to == 'torchvision' else check_timm(sd, cfg)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f'{args.input}: {e}') from None
     checkpoint.save_atomic({k: v.contiguous() for k, v in sd.items()}, args.output)
