@@ -28,8 +28,17 @@ Deviations from main_lincls.py:
   * 32-px data (CIFAR-stem backbone or --crop-size < 64): RandomCrop(pad 4)+flip, val resize only;
   * val counts every image exactly once over all processes (DistributedSampler pads);
   * the backbone-unchanged check runs after the last epoch, over weights *and* BN statistics.
+
+Output folder (default: the training run's folder, which holds files that are not lincls's): one
+that holds a linear run (lincls_checkpoint.pth or lincls_log.jsonl) is refused unless --resume auto
+continues it or --overwrite deletes lincls's own files there (checkpoint, log, this --pretrained's
+result JSON), nothing else. A resumed run must be on the same pretrained weights (a fingerprint of
+the tensors, since a new training run replaces backbone.pth under the same name), the same training
+images and the same run-defining flags; --epochs, workers, printing, device, amp and paths may change.
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -43,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
 from common import augment, checkpoint, dist, optim  # noqa: E402
+from common.run import data_fingerprint, positive  # noqa: E402
 from common.data import EpochSampler, build_dataset, has_split, loader_kwargs  # noqa: E402
 from common.log import Logger, Meter, peak_memory_mb, progress  # noqa: E402
 from common.features import (STAGE, StagePool, build_backbone, feature_dims, layer_name, sobel_flag,  # noqa: E402
@@ -50,6 +60,12 @@ from common.features import (STAGE, StagePool, build_backbone, feature_dims, lay
 from common.resnet import infer_resnet_config  # noqa: E402
 
 CKPT_NAME = 'lincls_checkpoint.pth'
+LOG_NAME = 'lincls_log.jsonl'
+# Flags that may change when a linear run is resumed: speed, logging, the length of the run (--epochs
+# extends it), where the images live (their list is fingerprinted). --pretrained is compared by
+# check_resume, as a resolved path and by a fingerprint of its weights.
+MAY_CHANGE = {'epochs', 'workers', 'print_freq', 'output_dir', 'device', 'resume', 'overwrite', 'amp',
+              'unsafe_load', 'dist_timeout', 'pretrained', 'data'}
 # defaults of the multi-head protocol (OSS r50_multihead.py), applied when --layers is given
 MULTIHEAD = dict(epochs=90, lr=0.01, schedule=[30, 60, 90], wd=1e-4, nesterov=True)
 
@@ -66,10 +82,10 @@ def get_parser():
     p.add_argument('--unsafe-load', action='store_true',
                    help='torch.load with weights_only=False (only for files you trust)')
     g = p.add_argument_group('optimisation (MoCo main_lincls.py defaults)')
-    g.add_argument('--epochs', type=int, default=100, help='training epochs')
-    g.add_argument('-b', '--batch-size', type=int, default=256,
+    g.add_argument('--epochs', type=positive(int), default=100, help='training epochs')
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256,
                    help='GLOBAL batch over all processes (each process takes batch/world)')
-    g.add_argument('--lr', type=float, default=30.0, help='LR for a global batch of 256; scaled linearly')
+    g.add_argument('--lr', type=positive(float), default=30.0, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[60, 80], help='x0.1 at these epochs')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--wd', type=float, default=0.0, help='weight decay')
@@ -88,14 +104,25 @@ def get_parser():
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto: CUDA when visible')
     g.add_argument('--seed', type=int, default=None,
                    help='seed of fc init, shuffling and augmentation; None = 0, or the resumed run\'s')
+    add_dist_timeout(g)
     g = p.add_argument_group('checkpoints and logging')
     g.add_argument('--output-dir', default=None,
-                   help=f'for {CKPT_NAME}, lincls_log.jsonl and the result JSON; None = the folder of '
-                        f'--pretrained (result JSON beside it)')
+                   help=f'for {CKPT_NAME}, {LOG_NAME} and the result JSON; None = the folder of '
+                        f'--pretrained (result JSON beside it). One that holds a linear run is refused unless '
+                        f'--resume auto continues it or --overwrite replaces it')
     g.add_argument('--resume', default='', help=f"{CKPT_NAME} to continue, or 'auto' for output-dir/{CKPT_NAME} "
-                   f"if it exists")
+                   f"(a fresh run when there is none)")
+    g.add_argument('--overwrite', action='store_true',
+                   help=f'delete the linear run in --output-dir ({CKPT_NAME}, {LOG_NAME}, result JSON; '
+                        f'nothing else) and start over')
     g.add_argument('--print-freq', type=int, default=10, help='iterations between progress lines')
     return p
+
+
+def add_dist_timeout(g):
+    g.add_argument('--dist-timeout', type=positive(float), default=10, metavar='MIN',
+                   help='minutes a process waits for the others in a collective before the run fails '
+                        '(a stalled or dead process then ends the run instead of hanging it)')
 
 
 def parse_args(argv=None):
@@ -208,33 +235,224 @@ def describe(tf):
     return ' + '.join(repr(t) for t in tf.transforms)
 
 
+# ============ output folder and resume checks (shared with eval/semi.py) ============
+
+PROGRAMS = {'lincls': ('eval/lincls.py', 'linear-classification'), 'semi': ('eval/semi.py', 'semi-supervised')}
+
+
+def weights_fingerprint(sd):
+    """16 hex digits of sha1 over the names, dtypes, shapes and bytes of a backbone state dict: what
+    a resumed run checks its pretrained weights by, since a new training run replaces backbone.pth
+    under the same path. About 0.25 s for a ResNet-50 on one CPU core."""
+    h = hashlib.sha1()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f'{k} {t.dtype} {tuple(t.shape)}\n'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+class Outputs:
+    """The files one evaluation program owns in its output `folder`: the checkpoint --resume
+    continues, its log and its results. Only these count as a run there and only these are deleted
+    by --overwrite: the folder is often a training run's, whose files are not the program's.
+    `default`: the folder was not given with --output-dir (said so in messages)."""
+
+    def __init__(self, kind, folder, ckpt, log, results=(), default=False):
+        self.kind, self.folder, self.default = kind, Path(folder), default
+        self.ckpt, self.log = self.folder / ckpt, self.folder / log
+        self.results = [self.folder / r for r in results]
+        self.title = PROGRAMS[kind][1]
+
+    def held(self):
+        return [p for p in (self.ckpt, self.log) if p.is_file()]
+
+    def where(self):
+        return f'{self.folder} (the default --output-dir)' if self.default else f'--output-dir {self.folder}'
+
+    def clear(self):
+        """--overwrite: deletes the program's own files (and a .tmp a failed save left)."""
+        own = (self.ckpt, self.log, *self.results)
+        gone = [q for p in own for q in (p, p.with_name(p.name + '.tmp')) if q.is_file() or q.is_symlink()]
+        for p in gone:
+            p.unlink()
+        if gone:
+            print(f'--overwrite: deleted {", ".join(p.name for p in gone)} in {self.folder}', flush=True)
+
+    def held_message(self):
+        """One line: what the folder holds, and the flags that continue it or start over."""
+        state = None
+        with contextlib.suppress(Exception):  # a message only: an unreadable file is named, not loaded
+            state = torch.load(self.ckpt, map_location='cpu', weights_only=True, mmap=True)
+        if isinstance(state, dict) and 'epoch' in state:
+            what = (f'{self.ckpt.name}: trained on {state.get("pretrained", "?")}, {state["epoch"]} of '
+                    f'{state.get("args", {}).get("epochs", "?")} epochs done')
+        else:
+            what = ', '.join(p.name for p in self.held()) + ' of a run that saved no checkpoint it can continue'
+        return (f'{self.where()} already holds a {self.title} run ({what}); continue it with --resume auto, or '
+                f'start over with --overwrite (deletes {self.ckpt.name}, {self.log.name} and the results), or '
+                f'choose another --output-dir')
+
+
+def checkpoint_kind(state):
+    """'lincls', 'semi', 'training', 'backbone', 'moco' or None: what a loaded file is. Checkpoints
+    written before 'kind' was stored are told apart by their keys."""
+    if not isinstance(state, dict):
+        return None
+    if state.get('kind') in PROGRAMS:
+        return state['kind']
+    if 'model' in state and 'backbone_prefix' in state:
+        return 'training'
+    if {'fc', 'pretrained', 'epoch'} <= state.keys():
+        return 'lincls'
+    if {'model', 'optimizer', 'epoch'} <= state.keys():
+        return 'semi'
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return 'backbone'
+    return 'moco' if 'state_dict' in state else None
+
+
+def load_eval_checkpoint(path, kind):
+    """The `kind` checkpoint at --resume `path`, or SystemExit saying in one line what it is instead."""
+    path, (prog, title) = Path(path), PROGRAMS[kind]
+    if not path.exists():
+        raise SystemExit(f'--resume {path} does not exist')
+    if not path.is_file():
+        raise SystemExit(f'--resume {path} is a folder, not a {title} checkpoint')
+    with open(path, 'rb') as f:  # torch.load takes a text file for a pickle and blames its contents
+        head = f.read(4)
+    if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch.save writes a zip, legacy files a pickle
+        raise SystemExit(f'--resume {path} is not a {title} checkpoint (not a PyTorch file: '
+                         f'{"it is empty" if not head else f"it starts with {head!r}"})')
+    try:
+        state = checkpoint.load(path, unsafe_flag=None)  # our checkpoints never need --unsafe-load
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f'--resume {path} is not a {title} checkpoint ({str(e).split(": ", 1)[-1]})') from None
+    found = checkpoint_kind(state)
+    if found == kind:
+        return state
+    method = state.get('method') or state.get('args', {}).get('method') if found == 'training' else None
+    what = {'training': f'a {method}.py training checkpoint' if method else 'a training checkpoint',
+            'backbone': 'a backbone file', 'moco': 'a facebookresearch/moco-style checkpoint'}.get(found)
+    if what:
+        raise SystemExit(f'--resume {path} is {what}, not a {title} checkpoint: pass it as --pretrained')
+    if found in PROGRAMS:
+        other = PROGRAMS[found][0]
+        raise SystemExit(f'--resume {path} is a checkpoint of {other}, not of {prog}: continue it with {other}')
+    keys = list(state)[:10] if isinstance(state, dict) else f'a {type(state).__name__}'
+    raise SystemExit(f'--resume {path} is not a {title} checkpoint (it holds {keys})')
+
+
+def claim(args, files, fingerprint, may_change):
+    """Rank 0, before anything is written: the checkpoint this run continues (a path string), or None
+    for a fresh run. SystemExit (one line) where the run would replace files it was not told to."""
+    checkpoint.check_writable(files.folder)
+    if not args.resume or (args.resume == 'auto' and not files.ckpt.is_file()):
+        if args.resume == 'auto':  # a log without a checkpoint (killed in its first epoch) is appended to
+            print(f'--resume auto: no {files.ckpt.name} in {files.folder}; starting a fresh run', flush=True)
+        elif files.held() and not args.overwrite:
+            raise SystemExit(files.held_message())
+        if args.overwrite:
+            files.clear()
+        return None
+    path = files.ckpt if args.resume == 'auto' else Path(args.resume)
+    state = load_eval_checkpoint(path, files.kind)
+    if args.overwrite and path.resolve().parent == files.folder.resolve():
+        raise SystemExit(f'--overwrite would delete {path}, which --resume continues; drop one of the two')
+    if path.resolve() != files.ckpt.resolve() and files.held():  # its next save would replace this run
+        if not args.overwrite:
+            raise SystemExit(files.held_message())
+        files.clear()
+    check_resume(state, path, args, fingerprint, may_change)
+    return str(path)
+
+
+def check_resume(state, path, args, fingerprint, may_change):
+    """SystemExit naming each difference (both values) between the run `state` saved and this one:
+    other pretrained weights, a run-defining flag, fewer --epochs than it has done. The flags that
+    may change and do are printed."""
+    saved = state.get('args', {})
+    now = argparse.Namespace(**vars(args))
+    if now.seed is None:  # lincls: a resumed run keeps its seed
+        now.seed = saved.get('seed')
+    bad, soft = checkpoint.changed_args(saved, now, may_change)
+    old, pretrained = state.get('pretrained_fingerprint'), str(Path(args.pretrained).resolve())
+    if state.get('pretrained', pretrained) != pretrained:  # the result JSON is named after the file, too
+        bad.insert(0, f'it trained on {state["pretrained"]}, not on --pretrained {pretrained}')
+    if old is None:  # written before fingerprints
+        print(f'--resume {path} holds no fingerprint of its pretrained weights; they cannot be checked', flush=True)
+    elif old != fingerprint:
+        bad.insert(0, f'pretrained weights {old} -> {fingerprint}: {pretrained} holds other weights than it '
+                      f'trained on (replaced by a new training run?)')
+    if args.epochs < state['epoch']:
+        bad.append(f'--epochs {args.epochs} < the {state["epoch"]} epochs it has done')
+    if bad:
+        raise SystemExit(f'--resume {path} differs from this run: {"; ".join(bad)}; resume with the checkpoint\'s '
+                         f'weights and flags, or start over (without --resume, with --overwrite)')
+    soft = [c for c in soft if not c.startswith(('--resume ', '--overwrite '))]  # how it was asked, not a change
+    if soft:
+        print(f'--resume {path}: continuing with changed flags: {"; ".join(soft)}', flush=True)
+
+
+def check_data(state, train_set, path):
+    """The training images' fingerprint (common.run.data_fingerprint); on resume, every process
+    stops alike when it differs from the checkpoint's."""
+    new = data_fingerprint(train_set)
+    old = state.get('data') if state else None
+    if old is not None and old != new:
+        dist.exit_all(f'--resume {path}: other training images ({old["images"]} images, fingerprint '
+                      f'{old["fingerprint"]} -> {new["images"]}, {new["fingerprint"]}); resume on the same data')
+    return new
+
+
+def save_or_stop(write, kept):
+    """write() on rank 0; when it fails (full disk, folder gone) every process stops with one line
+    naming the file, the OS error and what is `kept` (save_atomic leaves the previous file and
+    removes its .tmp)."""
+    def attempt():
+        try:
+            write()
+        except OSError as e:
+            raise SystemExit(f'{e}; {kept}; free space or fix the folder, then continue with --resume auto') from None
+    dist.on_main(attempt)
+
+
+def kept(epochs_done):
+    """What a failed save leaves, for its message."""
+    return f'the last checkpoint (epochs done: {epochs_done}) is kept' if epochs_done else 'no checkpoint was written before'
+
+
+def write_json(path, obj):
+    """A result file, atomically (a full disk leaves the previous one); OSError names the file."""
+    tmp = Path(str(path) + '.tmp')
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + '\n')
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(f'cannot write {path}: {checkpoint.os_reason(e)}') from None
+
+
 # ============ linear training ============
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.epochs < 1:
-        raise SystemExit('--epochs must be at least 1')
-    rank, world, device = dist.init_distributed(args.device)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
     pretrained = Path(args.pretrained).resolve()
     out_dir = Path(args.output_dir) if args.output_dir else pretrained.parent
     result_path = out_dir / (pretrained.name + '.lincls.json')  # beside the checkpoint by default
-    ckpt_path = out_dir / CKPT_NAME if args.resume == 'auto' else Path(args.resume) if args.resume else None
-    state = None
-    if ckpt_path and (args.resume != 'auto' or ckpt_path.is_file()):
-        try:
-            state = checkpoint.load(ckpt_path)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f'--resume: {e}') from None
-        if state['pretrained'] != str(pretrained):
-            raise SystemExit(f'--resume {ckpt_path} trained a linear classifier on {state["pretrained"]}, '
-                             f'not on {pretrained}')
+    sd, cfg = backbone_weights(pretrained, weights_only=not args.unsafe_load)  # before any file is written
+    fingerprint = weights_fingerprint(sd)
+    files = Outputs('lincls', out_dir, CKPT_NAME, LOG_NAME, [result_path.name], default=not args.output_dir)
+    ckpt_path = dist.on_main(lambda: claim(args, files, fingerprint, MAY_CHANGE))
+    state = checkpoint.load(ckpt_path) if ckpt_path else None  # checked by claim() on rank 0
     if args.seed is None:  # a resumed run keeps its seed: shuffling and augmentation depend on it
         args.seed = state['args']['seed'] if state else 0
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
-    sd, cfg = backbone_weights(pretrained, weights_only=not args.unsafe_load)  # before any file is written
-    log = Logger(out_dir, filename='lincls_log.jsonl')
+    log = Logger(out_dir, filename=LOG_NAME)
     git = checkpoint.git_commit()
     log.print(f'git {git}  world size {world}  device {device}')
     log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
@@ -260,6 +478,7 @@ def main(argv=None):
     if not train_set.classes or train_set.classes != val_set.classes:
         raise SystemExit(f'data: train and val must have the same class folders; got {len(train_set.classes)} '
                          f'train and {len(val_set.classes)} val classes')
+    data = check_data(state, train_set, ckpt_path)
     num_classes = len(train_set.classes)
     loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
                                          **loader_kwargs(args.workers, device))
@@ -342,11 +561,10 @@ def main(argv=None):
                    train_acc=train_acc, **vals,
                    lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, milestones=args.schedule),
                    epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
-        if dist.is_main():
-            checkpoint.save_atomic(dict(fc=core.fc.state_dict(), optimizer=optimizer.state_dict(),
-                                        scaler=scaler.state_dict(), epoch=epoch + 1, best=best, last=last,
-                                        pretrained=str(pretrained), args=vars(args), protocol=protocol, git=git),
-                                   out_dir / CKPT_NAME)
+        ckpt = dict(kind='lincls', fc=core.fc.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), epoch=epoch + 1, best=best, last=last, pretrained=str(pretrained),
+                    pretrained_fingerprint=fingerprint, data=data, args=vars(args), protocol=protocol, git=git)
+        save_or_stop(lambda: checkpoint.save_atomic(ckpt, files.ckpt), kept(epoch))
 
     # ============ sanity check and result ============
     try:
@@ -366,9 +584,8 @@ def main(argv=None):
         result = dict(pretrained=str(pretrained), top1=last['top1'], top5=last['top5'], last=last, best=best)
         log.print(f'linear classification: top-1 {last["top1"]:.2f}  top-5 {last["top5"]:.2f} after epoch '
                   f'{last["epoch"]} (best top-1 {best["top1"]:.2f} at epoch {best["epoch"]})')
-    if dist.is_main():
-        result.update(protocol=protocol, lincls_checkpoint=str(out_dir / CKPT_NAME), git=git)
-        result_path.write_text(json.dumps(result, indent=1) + '\n')
+    result.update(protocol=protocol, lincls_checkpoint=str(files.ckpt), git=git)
+    save_or_stop(lambda: write_json(result_path, result), kept(args.epochs))
     log.print(f'written to {result_path}')
     log.close()
     dist.cleanup()

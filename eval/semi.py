@@ -19,9 +19,13 @@ also OSS's `class/file label`) or SimCLR's ImageNet lists (`n01440764_10026.JPEG
 = the part before '_'); --fraction draws a class-balanced subset on the fly (common.data.balanced_subset,
 as make_splits.py). --lr is per 256 images and scaled linearly with the global batch.
 Results go to <output-dir>/semi.json (grid: one folder per setting and grid.json).
+
+Output folders: one that holds a fine-tuning (semi_checkpoint.pth or semi_log.jsonl; with --grid,
+any setting's folder) is refused at start unless --resume auto continues it or --overwrite deletes
+semi.py's own files there. A resumed run must be on the same pretrained weights (fingerprinted),
+labelled images and run-defining flags, as in eval/lincls.py.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,9 +40,16 @@ from common import augment, checkpoint, dist, optim  # noqa: E402
 from common.data import (EpochSampler, balanced_subset, build_dataset, has_split, loader_kwargs,  # noqa: E402
                          read_split_file)
 from common.log import Logger, TrainMeter  # noqa: E402
-from eval.lincls import backbone_weights, build_linear_model, describe, train_transform, validate  # noqa: E402
+from common.run import positive  # noqa: E402
+from eval.lincls import (MAY_CHANGE as LINCLS_MAY_CHANGE, Outputs, add_dist_timeout, backbone_weights,  # noqa: E402
+                         build_linear_model, check_data, claim, describe, kept, save_or_stop, train_transform, validate,
+                         weights_fingerprint, write_json)
 
 CKPT_NAME = 'semi_checkpoint.pth'
+LOG_NAME = 'semi_log.jsonl'
+# as eval/lincls.py, and: the grid flags (each setting is a run of its own, in a folder of its own),
+# the split file's path (the labelled images themselves are fingerprinted), --deterministic
+MAY_CHANGE = LINCLS_MAY_CHANGE | {'grid', 'grid_lr', 'grid_head_lr_mult', 'split_file', 'deterministic'}
 GRID_LR, GRID_HEAD = (0.001, 0.01, 0.1), (1.0, 10.0, 100.0)
 
 
@@ -54,17 +65,18 @@ def get_parser():
     g.add_argument('--fraction', type=float, help='labelled fraction drawn class-balanced on the fly, e.g. 0.01')
     p.add_argument('--split-seed', type=int, default=0, help='seed of the --fraction draw')
     g = p.add_argument_group('optimisation (OSS semi_classification defaults)')
-    g.add_argument('--epochs', type=int, default=20)
-    g.add_argument('-b', '--batch-size', type=int, default=256, help='GLOBAL batch over all processes')
-    g.add_argument('--lr', type=float, default=0.01, help='backbone LR for a global batch of 256; scaled linearly')
-    g.add_argument('--head-lr-mult', type=float, default=1.0, help='the new fc learns at lr x this')
+    g.add_argument('--epochs', type=positive(int), default=20)
+    g.add_argument('-b', '--batch-size', type=positive(int), default=256, help='GLOBAL batch over all processes')
+    g.add_argument('--lr', type=positive(float), default=0.01,
+                   help='backbone LR for a global batch of 256; scaled linearly')
+    g.add_argument('--head-lr-mult', type=positive(float), default=1.0, help='the new fc learns at lr x this')
     g.add_argument('--schedule', type=int, nargs='*', default=[12, 16], help='LR x --gamma at these epochs')
     g.add_argument('--gamma', type=float, default=0.2, help='LR decay factor')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', type=float, default=None, help='weight decay; None = 5e-4 below 5%% labelled, else 1e-4')
     g.add_argument('--grid', action='store_true', help='run every --grid-lr x --grid-head-lr-mult and print the table')
-    g.add_argument('--grid-lr', type=float, nargs='+', default=list(GRID_LR))
-    g.add_argument('--grid-head-lr-mult', type=float, nargs='+', default=list(GRID_HEAD))
+    g.add_argument('--grid-lr', type=positive(float), nargs='+', default=list(GRID_LR))
+    g.add_argument('--grid-head-lr-mult', type=positive(float), nargs='+', default=list(GRID_HEAD))
     g = p.add_argument_group('data, speed, output')
     g.add_argument('--crop-size', type=int, default=None, help='None = 32 for a CIFAR-stem backbone, else 224')
     g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
@@ -72,8 +84,15 @@ def get_parser():
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--seed', type=int, default=0, help='seed of fc init, shuffling and augmentation')
     g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower on GPU)')
-    g.add_argument('--output-dir', default=None, help='None = semi_<split>/ beside --pretrained')
-    g.add_argument('--resume', default='', help=f"{CKPT_NAME} to continue, or 'auto' for output-dir/{CKPT_NAME}")
+    add_dist_timeout(g)
+    g.add_argument('--output-dir', default=None,
+                   help='None = semi_<split>/ beside --pretrained. One that holds a fine-tuning is refused unless '
+                        '--resume auto continues it or --overwrite replaces it')
+    g.add_argument('--resume', default='', help=f"{CKPT_NAME} to continue, or 'auto' for output-dir/{CKPT_NAME} "
+                   f"(a fresh run when there is none; with --grid, each setting's folder)")
+    g.add_argument('--overwrite', action='store_true',
+                   help=f'delete the fine-tuning in --output-dir ({CKPT_NAME}, {LOG_NAME}, semi.json; with --grid '
+                        f'those of every setting and grid.json; nothing else) and start over')
     g.add_argument('--print-freq', type=int, default=10)
     return p
 
@@ -87,6 +106,10 @@ class KeyedSubset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.indices)
+
+    @property
+    def samples(self):  # (path, label) of the labelled images: what common.run.data_fingerprint hashes
+        return [self.dataset.samples[i] for i in self.indices]
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, None)
@@ -108,20 +131,33 @@ def labelled_indices(args, train_set, root):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    _, world, device = dist.init_distributed(args.device)
+    _, world, device = dist.init_distributed(args.device, args.dist_timeout)
     pretrained = Path(args.pretrained).resolve()
     tag = Path(args.split_file).stem if args.split_file else f'{args.fraction * 100:g}percent'
     out = Path(args.output_dir) if args.output_dir else pretrained.parent / f'semi_{tag}'
-    if not args.grid:
-        run(args, out, world, device)
-    else:
-        results = {}
-        for lr in args.grid_lr:
-            for mult in args.grid_head_lr_mult:
-                a = argparse.Namespace(**{**vars(args), 'lr': lr, 'head_lr_mult': mult})
-                results[(lr, mult)] = run(a, out / f'lr{lr:g}_head{mult:g}', world, device)
+    if args.grid and args.resume not in ('', 'auto'):
+        raise SystemExit(f'--resume {args.resume}: --grid continues each setting from its own folder; use '
+                         f'--resume auto')
+    sd, cfg = backbone_weights(pretrained, weights_only=not args.unsafe_load)  # before any file is written
+    weights = (sd, cfg, weights_fingerprint(sd))
+    cells = [(args, out)] if not args.grid else [
+        (argparse.Namespace(**{**vars(args), 'lr': lr, 'head_lr_mult': mult}), out / f'lr{lr:g}_head{mult:g}')
+        for lr in args.grid_lr for mult in args.grid_head_lr_mult]
+    resumes = dist.on_main(lambda: claim_all(cells, args, out, weights[2]))  # every folder, before any runs
+    results = {(a.lr, a.head_lr_mult): run(a, o, world, device, weights, r) for (a, o), r in zip(cells, resumes)}
+    if args.grid:
         report_grid(results, args, out)
     dist.cleanup()
+
+
+def claim_all(cells, args, out, fingerprint):
+    """eval.lincls.claim for the folder of every (args, folder) cell; with --grid --overwrite also
+    deletes the old grid.json. Returns the checkpoint each continues (or None)."""
+    resumes = [claim(a, Outputs('semi', o, CKPT_NAME, LOG_NAME, ['semi.json'], default=not args.output_dir),
+                     fingerprint, MAY_CHANGE) for a, o in cells]
+    if args.grid and args.overwrite and (out / 'grid.json').is_file():
+        (out / 'grid.json').unlink()
+    return resumes
 
 
 def report_grid(results, args, out):
@@ -135,18 +171,19 @@ def report_grid(results, args, out):
                  for m in args.grid_head_lr_mult]
         log.print(f'{lr:>8g} ' + ' '.join(f'{c:>16}' for c in cells))
     log.print(f'best: lr {best[0]:g}, head x{best[1]:g}: top-1 {results[best]["top1"]:.2f}')
-    if dist.is_main():
-        grid = [dict(lr=k[0], head_lr_mult=k[1], top1=r['top1'], top5=r['top5']) for k, r in results.items()]
-        (out / 'grid.json').write_text(json.dumps(dict(grid=grid, best=dict(lr=best[0], head_lr_mult=best[1],
-                                                                            **results[best])), indent=1) + '\n')
+    grid = [dict(lr=k[0], head_lr_mult=k[1], top1=r['top1'], top5=r['top5']) for k, r in results.items()]
+    report = dict(grid=grid, best=dict(lr=best[0], head_lr_mult=best[1], **results[best]))
+    save_or_stop(lambda: write_json(out / 'grid.json', report), 'every setting\'s semi.json is kept')
 
 
-def run(args, out, world, device):
-    """One fine-tuning; returns {'top1', 'top5'} (and writes out/semi.json on rank 0)."""
+def run(args, out, world, device, weights, ckpt_path):
+    """One fine-tuning of `weights` (sd, cfg, fingerprint), continuing `ckpt_path` (None: a fresh
+    run); returns {'top1', 'top5'} (and writes out/semi.json on rank 0)."""
     rank = dist.get_rank()
     dist.seed_all(args.seed, args.deterministic)
-    sd, cfg = backbone_weights(args.pretrained, weights_only=not args.unsafe_load)
-    log = Logger(out, filename='semi_log.jsonl')
+    sd, cfg, fingerprint = weights
+    state = checkpoint.load(ckpt_path) if ckpt_path else None  # checked by claim() on rank 0
+    log = Logger(out, filename=LOG_NAME)
     git = checkpoint.git_commit()
     log.print(f'git {git}  world size {world}  device {device}  output {out}')
     log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
@@ -168,6 +205,7 @@ def run(args, out, world, device):
         raise SystemExit(f'data: {e}') from None
     if not train_all.classes or train_all.classes != val_set.classes:
         raise SystemExit('data: train and val must have the same class folders')
+    data = check_data(state, train_set, ckpt_path)
     frac = len(idx) / len(train_all)
     wd = args.wd if args.wd is not None else default_wd(frac)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
@@ -193,12 +231,7 @@ def run(args, out, world, device):
                                 lr, momentum=args.momentum, weight_decay=wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start_epoch = 0
-    ckpt_path = out / CKPT_NAME if args.resume == 'auto' else Path(args.resume) if args.resume else None
-    if ckpt_path and (args.resume != 'auto' or ckpt_path.is_file()):
-        try:
-            state = checkpoint.load(ckpt_path)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f'--resume: {e}') from None
+    if state:
         core.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         scaler.load_state_dict(state['scaler'])
@@ -240,10 +273,10 @@ def run(args, out, world, device):
             scaler.update()
             meter.step(it, step_lr, loss=loss, acc=(output.argmax(1) == target).float().mean() * 100)
         meter.epoch_end()
-        if dist.is_main():
-            checkpoint.save_atomic(dict(model=core.state_dict(), optimizer=optimizer.state_dict(),
-                                        scaler=scaler.state_dict(), epoch=epoch + 1, args=vars(args), git=git),
-                                   out / CKPT_NAME)
+        ckpt = dict(kind='semi', model=core.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), epoch=epoch + 1, pretrained=str(Path(args.pretrained).resolve()),
+                    pretrained_fingerprint=fingerprint, data=data, args=vars(args), git=git)
+        save_or_stop(lambda: checkpoint.save_atomic(ckpt, out / CKPT_NAME), kept(epoch))
 
     # ============ evaluation ============
     t0 = time.perf_counter()
@@ -251,9 +284,8 @@ def run(args, out, world, device):
     log.print(f'semi-supervised (lr {args.lr:g}, head x{args.head_lr_mult:g}): top-1 {top1:.2f}  '
               f'top-5 {top5:.2f}  val loss {val_loss:.4f}')
     log.record(type='semi', top1=top1, top5=top5, val_loss=val_loss, val_time=time.perf_counter() - t0)
-    if dist.is_main():
-        (out / 'semi.json').write_text(json.dumps(dict(pretrained=str(args.pretrained), top1=top1, top5=top5,
-                                                       protocol=protocol, git=git), indent=1) + '\n')
+    result = dict(pretrained=str(args.pretrained), top1=top1, top5=top5, protocol=protocol, git=git)
+    save_or_stop(lambda: write_json(out / 'semi.json', result), kept(args.epochs))
     log.close()
     return dict(top1=top1, top5=top5)
 
