@@ -12,14 +12,18 @@ augmentation of each sample from (seed, epoch, index). A view is therefore the s
 number of workers or processes, and a run resumed mid-epoch continues exactly.
 
 Unreadable images stop the run with an error naming the file (a silently skipped image would change
-batch composition and make resume inexact); remove or replace the file and --resume.
+batch composition and make resume inexact); remove or replace the file and --resume. Missing and
+0-byte files are found before training, by one stat per image when the dataset is built. 16-bit and
+float greyscale images are scaled to 8 bits (to_rgb), not clipped.
 """
 import contextlib
 import os
 import queue
 import random
 import threading
+from functools import partial
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import torch
@@ -36,7 +40,8 @@ def _is_image(name):
 
 
 def scan(path, split='train'):
-    """Returns (samples, classes): samples is a list of (file, label); label -1 when unlabelled."""
+    """Returns (samples, classes): samples is a list of (file, label); label -1 when unlabelled.
+    Every image is stat'ed once: missing or empty files raise ValueError here, not hours into a run."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f'data path {p} does not exist; pass an ImageNet-layout folder, '
@@ -46,22 +51,67 @@ def scan(path, split='train'):
     if (p / split).is_dir():
         p = p / split
     entries = sorted(os.scandir(p), key=lambda e: e.name)
-    files = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+    files = [e for e in entries if e.is_file() and _is_image(e.name)]
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith('.')]
-    samples = [(f, -1) for f in files]
-    for label, c in enumerate(classes):
-        for root, _, names in sorted(os.walk(os.path.join(p, c), followlinks=True)):
-            samples += [(os.path.join(root, n), label) for n in sorted(names) if _is_image(n)]
-    if not samples:
+    found = [(e, -1) for e in files]
+    for label, c in enumerate(classes):  # the order of sorted(os.walk(...)): folders by path, files by name
+        for _, names in sorted(_walk(os.path.join(p, c)), key=lambda t: t[0]):
+            found += [(e, label) for e in sorted(names, key=lambda e: e.name) if _is_image(e.name)]
+    if not found:
         raise FileNotFoundError(f'no images ({"/".join(IMG_EXTENSIONS)}) found in {p}')
+    _check(((e.path, _fault(e.stat)) for e, _ in found), len(found), p, 'remove or replace them', p)
+    samples = [(e.path, label) for e, label in found]
     if files and classes:  # mixed: unlabelled files beside class folders
         classes = []
         samples = [(f, -1) for f, _ in samples]
     return samples, classes
 
 
+def _walk(top):
+    """Yields (folder, non-folder DirEntries) under `top` like os.walk(top, followlinks=True), keeping
+    the DirEntries: their stat() is then the only system call per file (os.walk gives names only)."""
+    try:
+        it = os.scandir(top)
+    except OSError:  # os.walk skips unreadable folders too
+        return
+    dirs, names = [], []
+    with it:
+        for e in it:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else names).append(e)
+    yield top, names
+    for d in dirs:
+        yield from _walk(d.path)
+
+
+def _fault(stat):
+    """Why the file behind `stat` (a DirEntry.stat or a bound os.stat) cannot be an image, or None."""
+    try:
+        st = stat()
+    except FileNotFoundError:  # also a dangling symbolic link
+        return 'missing'
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if not S_ISREG(st.st_mode):
+        return 'not a file'
+    return '0 bytes' if st.st_size == 0 else None
+
+
+def _check(faults, n, where, fix, root=None):
+    """ValueError with the count and the first few of the (path, fault) pairs whose fault is set;
+    paths are shown relative to `root` when given."""
+    bad = [f'{os.path.relpath(path, root) if root else path} ({why})' for path, why in faults if why]
+    if bad:
+        more = ', ...' if len(bad) > 5 else ''
+        raise ValueError(f'{len(bad)} of {n} images in {where} are missing or empty: '
+                         f'{", ".join(bad[:5])}{more}; {fix}')
+
+
 def _read_list(p):
-    samples = []
+    samples, listed = [], []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith('#'):
@@ -69,8 +119,11 @@ def _read_list(p):
         if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip('-').isdigit()):
             raise ValueError(f'{p}:{i}: expected "path [integer label]", got {line!r}')
         samples.append((str(p.parent / parts[0]), int(parts[1]) if len(parts) == 2 else -1))
+        listed.append(parts[0])
     if not samples:
         raise FileNotFoundError(f'image list {p} has no entries')
+    _check([(rel, _fault(partial(os.stat, f))) for rel, (f, _) in zip(listed, samples)], len(samples), p,
+           'remove them from the list or replace the files')
     n_cls = max(l for _, l in samples) + 1
     return samples, [str(c) for c in range(n_cls)]
 
@@ -78,6 +131,27 @@ def _read_list(p):
 def sample_seed(seed, epoch, index):
     """A distinct 63-bit seed per (run seed, epoch, sample)."""
     return (((seed * 1_000_003) ^ (epoch * 998_244_353)) * 6_364_136_223 + index) % (2 ** 63)
+
+
+def to_rgb(img):
+    """PIL image -> 8-bit RGB. convert('RGB') clips high-bit-depth grey to 255 (a 16-bit PNG turns all
+    white), so those are scaled here: 16-bit v -> round(v / 257), the exact map of 0..65535 onto
+    0..255; mode 'I' (32-bit int, how Pillow holds some 16-bit files) likewise when its values fit
+    0..65535, else negatives clipped to 0 and 0..2**31-1 mapped onto 0..255; 'F' times 255 when its
+    values lie in [0, 1], else clipped to [0, 255] (NaN -> 0). Other modes are 8-bit: convert('RGB').
+    Pillow itself reads 16-bit-per-channel RGB(A) as 8-bit, keeping the high byte (v >> 8)."""
+    if img.mode != 'F' and not img.mode.startswith('I'):
+        return img.convert('RGB')
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == 'F':
+        a = np.nan_to_num(a, nan=0.0)
+        a = a * 255 if a.size and 0 <= a.min() and a.max() <= 1 else np.clip(a, 0, 255)
+    elif a.size and (a.min() < 0 or a.max() > 65535):
+        a = np.clip(a, 0, None) * (255 / (2 ** 31 - 1))
+    else:
+        a = a / 257
+    grey = np.rint(a).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), 'RGB')
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -94,7 +168,7 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.samples[index][0]
         try:
             with open(path, 'rb') as f:
-                return Image.open(f).convert('RGB')
+                return to_rgb(Image.open(f))
         except Exception as e:  # noqa: BLE001 - any decoder error means the same to the user
             raise RuntimeError(f'cannot read image {path}: {e}; remove or replace it, then --resume') from None
 
