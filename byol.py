@@ -117,8 +117,9 @@ def byol_loss(p1, p2, z1, z2):
     p1, p2: NxD online predictions of view 1 and 2; z1, z2: NxD target projections (no gradient).
     Both sides are L2-normalised; the value lies in [0, 8]. OpenSelfSup logs -2cos (this minus 4).
     """
-    def pair(p, z):
-        return 2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(1)  # N
+    def pair(p, z):  # half precision (AMP) goes up to fp32, fp32/fp64 stay
+        dtype = torch.promote_types(torch.promote_types(p.dtype, z.dtype), torch.float32)
+        return 2 - 2 * (F.normalize(p.to(dtype), dim=1) * F.normalize(z.to(dtype), dim=1)).sum(1)  # N
     return (pair(p1, z2) + pair(p2, z1)).mean()
 
 

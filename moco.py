@@ -6,7 +6,7 @@ He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", 
 (arXiv:2003.04297). Reference code: facebookresearch/moco (main_moco.py, moco/builder.py) and
 OpenSelfSup (configs/selfsup/moco). Spec: methods.md §1.
 
-  python moco.py                                    # demo: shipped CIFAR-10 sample, CPU, ~10 min
+  python moco.py                                    # demo: shipped CIFAR-10 sample, CPU, 10-20 min
   python moco.py /data/imagenet                     # MoCo v1, 1 process (SplitBN emulates 8 GPUs)
   torchrun --nproc_per_node=8 moco.py /data/imagenet          # MoCo v1, paper defaults
   torchrun --nproc_per_node=8 moco.py --v2 /data/imagenet     # MoCo v2 (= --mlp --moco-t 0.2 --aug-plus --cos)

@@ -132,7 +132,8 @@ class NPID(nn.Module):
         self.register_buffer('nce_z', torch.tensor(-1.0))  # NCE normalisation constant; < 0 until batch 1
 
     def embed(self, x):
-        return F.normalize(self.encoder(x).float(), dim=1)  # BxD
+        v = self.encoder(x)  # BxD; AMP's half precision goes up to fp32, fp32/fp64 stay as they are
+        return F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1)
 
     def draw_negatives(self, idx):
         """BxK indices drawn uniformly (with replacement) from the bank; with ensure_neg, draws equal

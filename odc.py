@@ -141,12 +141,12 @@ class ODC(nn.Module):
         logits = self.head(feat)  # Bxk
         target = self.labels[idx]  # labels from before this step's update
         weight = self.class_weights()
-        self.change_ratio = self.update_memory(idx, feat.detach().float())
+        self.change_ratio = self.update_memory(idx, feat.detach().to(self.bank.dtype))  # AMP: the bank's fp32
         return logits, target, weight
 
     def class_weights(self):
         """w_c proportional to (1 / (n_c + 1e-5))^pow, summing to 1 (OSS set_reweight)."""
-        n_c = torch.bincount(self.labels, minlength=self.k).float()
+        n_c = torch.bincount(self.labels, minlength=self.k).to(self.bank.dtype)
         w = (1.0 / (n_c + 1e-5)) ** self.reweight_pow
         return w / w.sum()
 

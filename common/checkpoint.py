@@ -12,6 +12,7 @@ import os
 import random
 import re
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,12 @@ def save_atomic(obj, path):
 
 
 def os_reason(e):
-    """The OS error inside `e`: torch.save reports a full disk as a RuntimeError whose text holds
-    it mid-way ('... No space left on device ...')."""
+    """The OS error behind `e`: torch.save reports a full disk as a RuntimeError ('[enforce fail at
+    inline_container.cc...] unexpected pos'), raised while handling the file's OSError."""
     if isinstance(e, OSError):
         return f'[Errno {e.errno}] {e.strerror}' if e.strerror else str(e)
+    if isinstance(e.__context__, OSError):  # torch.save's writer failed after the file's write did
+        return os_reason(e.__context__)
     text = ' '.join(str(e).split())
     m = re.search(r'(No space left on device|Disk quota exceeded|Read-only file system|Input/output error|'
                   r'Permission denied)', text)
@@ -73,15 +76,14 @@ def load(path, map_location='cpu', weights_only=True, unsafe_flag='--unsafe-load
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001
-        if weights_only and 'weights_only' in str(e):
-            hint = (f' (it holds non-tensor objects; pass {unsafe_flag} only if you trust the file)' if unsafe_flag
-                    else ' (it holds Python objects, which no selfsup program writes)')
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives (since PyTorch 1.6)
+            reason = 'not a PyTorch file, or a truncated one'
+        elif weights_only and 'weights_only' in str(e):
+            reason = ('it holds non-tensor objects; ' + (f'pass {unsafe_flag} only if you trust the file' if unsafe_flag
+                                                         else 'no selfsup program writes those'))
         else:
-            hint = ''
-        reason = (str(e).splitlines() or [''])[0]
-        if isinstance(e, (KeyError, EOFError)) or not reason or len(reason) < 8:
-            reason = f'not a PyTorch file, or a truncated one ({type(e).__name__}: {reason or "empty"})'
-        raise RuntimeError(f'cannot load checkpoint {path}: {reason}{hint}') from None
+            reason = ' '.join(str(e).split())[:200]
+        raise RuntimeError(f'cannot load checkpoint {path}: {reason}') from None
 
 
 def rng_state():
@@ -154,7 +156,7 @@ def changed_args(saved, args, may_change=MAY_CHANGE):
     each a list of 'FLAG OLD -> NEW'. Flags the checkpoint does not know are not compared."""
     hard, soft = [], []
     for k, new in sorted(vars(args).items()):
-        if k in saved and _norm(saved[k]) != _norm(new):
+        if k in saved and _norm(saved[k]) != _norm(new) and k not in ('resume', 'overwrite'):
             (soft if k in may_change else hard).append(f'{_flag(k)} {saved[k]} -> {new}')
     return hard, soft
 

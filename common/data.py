@@ -20,6 +20,7 @@ import contextlib
 import os
 import queue
 import random
+import signal
 import threading
 from functools import partial
 from pathlib import Path
@@ -261,8 +262,16 @@ def loader_kwargs(workers, device):
     model's random stream (ShuffleBN permutations) differently in a resumed run."""
     kw = dict(num_workers=workers, pin_memory=device.type == 'cuda', generator=torch.Generator())
     if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4)
+        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_stop_signals)
     return kw
+
+
+def ignore_stop_signals(worker_id):
+    """In a loader worker: Ctrl-C, SIGTERM and SIGUSR1 (which a terminal or SLURM sends to every
+    process) are left to the main process, which stops after its step with a checkpoint and then
+    ends the workers; by default a worker dies of them, and its death ends the main process."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def train_loader(data, transform, global_batch, rank, world, seed, workers, device, device_aug='off',

@@ -84,7 +84,10 @@ class KnnMonitor:
         if not has_split(data, 'val'):
             raise SystemExit(f'--knn-every needs {data}/val/<class>/ images; drop --knn-every')
         tf = eval_transform(crop_size)
-        self.train_set, self.val_set = build_dataset(data, tf, 'train'), build_dataset(data, tf, 'val')
+        try:
+            self.train_set, self.val_set = build_dataset(data, tf, 'train'), build_dataset(data, tf, 'val')
+        except (FileNotFoundError, ValueError) as e:  # e.g. a 0-byte val image (the stat pass of scan)
+            raise SystemExit(f'--knn-every: {e}') from None
         self.k, self.t, self.workers, self.device = k, t, workers, device
 
     def __call__(self, encoder):

@@ -190,7 +190,10 @@ class TrainMeter:
             m.avg = m.sum / m.count if m.count else 0.0
 
     def epoch_end(self, **extra):
-        """Records the epoch's averages (of the logged windows, weighted by their steps)."""
+        """Prints the epoch's time and records its averages (of the logged windows, weighted by their
+        steps)."""
+        self.log.print(f'epoch {self.epoch} done in {self.time.sum:.1f} s '
+                       f'({self.bs / max(self.time.avg, 1e-9):.1f} img/s)')
         self.log.record(step=(self.epoch + 1) * self.iters, type='epoch', epoch=self.epoch,
                         **{k: m.avg for k, m in self.meters.items()},
                         img_s=self.bs / max(self.time.avg, 1e-9), epoch_time=self.time.sum,

@@ -263,7 +263,7 @@ class Run:
         meter = self.meter.state_dict() if it and self.meter is not None and self.meter.epoch == epoch else None
         state = checkpoint.training_state(self.core, self.prefix, self.optimizer, self.scaler, epoch, it,
                                           self.args, self.git, knn_random=self.knn_random, extra=self.extra,
-                                          method=self.args.method, data=self.data, meter=meter,
+                                          method=getattr(self.args, 'method', None), data=self.data, meter=meter,
                                           log_bytes=self.log.tell())
         self._write(lambda: checkpoint.save_training(state, self.args.output_dir, epoch, keep))
         self.saved_at = (epoch, it)

@@ -35,7 +35,8 @@ def run_loop(model, batches, argv, saves=None):
     opt = optim.LARS(groups, lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     loader = [(views, torch.zeros(len(views[0])), torch.arange(len(views[0]))) for views in batches]
-    run = Run(args, model, 'online.backbone', opt, scaler, None, None, 'test', Logger(), torch.device('cpu'))
+    run = Run(args, model, 'online.backbone', opt, scaler, None, None, 'test', Logger(), torch.device('cpu'),
+              loader)
     run.save = lambda e, i, keep=False: (saves if saves is not None else []).append((e, i))  # record, write nothing
     train_one_epoch(loader, model, model, opt, scaler, 0, 0, len(batches), lr, args, torch.device('cpu'),
                     Logger(), run)
@@ -235,7 +236,7 @@ def test_resume_is_exact_with_accumulation(data64, straight, tmp_path):
 
 def test_resume_refuses_other_accumulation(data64, straight, tmp_path):
     import byol
-    with pytest.raises(SystemExit, match='written with --batch-size 8 --accum-steps 2'):
+    with pytest.raises(SystemExit, match="differ from the checkpoint's run: --accum-steps 2 -> 1;"):
         byol.main([str(data64), *TINY, '--accum-steps', '1', '--resume', str(straight / 'checkpoint_last.pth'),
                    '--output-dir', str(tmp_path)])
 

@@ -197,7 +197,7 @@ def test_optimizer_choice_and_color_strength(data64, tmp_path):
     assert isinstance(lars, optim.LARS) and any(g['lars_exclude'] for g in lars.param_groups)
     out = tmp_path / 'o'
     simclr.main([str(data64), *SMALL, '--epochs', '1', '--max-steps', '1', '--optimizer', 'sgd', '--output-dir', str(out)])
-    with pytest.raises(SystemExit, match='trained with --optimizer sgd; resume with the same'):
+    with pytest.raises(SystemExit, match="differ from the checkpoint's run: --optimizer sgd -> lars;"):
         simclr.main([str(data64), *SMALL, '--epochs', '1', '--output-dir', str(out), '--resume', 'auto'])
     jitter = augment.simclr(32, blur=False, strength=0.5).transforms[2].transforms[0]
     ranges = [v for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for v in r]
