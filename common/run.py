@@ -19,7 +19,8 @@ import torch
 from . import checkpoint, dist
 from .knn import KnnMonitor
 from .log import TrainMeter
-from .resnet import ARCHS
+from .resnet import ARCHS, build_resnet
+from .vit import ARCHS as VIT_ARCHS, build_vit
 
 
 def positive(kind):
@@ -85,12 +86,29 @@ def add_run_args(p, output_dir, workers=8, device_aug=False, dist_timeout=10):
     return g
 
 
-def add_backbone_args(g, arch='resnet50'):
-    """--arch/--width/--cifar-stem on the method's 'model' group."""
-    g.add_argument('--arch', default=arch, choices=ARCHS, metavar='ARCH',
-                   help='|'.join(ARCHS) + ' (torchvision names)')
+def add_backbone_args(g, arch='resnet50', vit=False):
+    """--arch/--width/--cifar-stem on the method's 'model' group; vit=True (MoCo v3, DINO) also offers
+    the ViTs of common/vit.py and --patch-size (see build_backbone)."""
+    archs = list(ARCHS) + (list(VIT_ARCHS) if vit else [])
+    g.add_argument('--arch', default=arch, choices=archs, metavar='ARCH',
+                   help='|'.join(archs) + ' (torchvision / timm names)')
     g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = torchvision)')
     g.add_argument('--cifar-stem', action='store_true', help='3x3 stride-1 conv1, no max-pool (32x32 data)')
+    if vit:
+        g.add_argument('--patch-size', type=positive(int), default=None,
+                       help='ViT patch size; default 16, and 4 when --crop-size is 64 or less')
+
+
+def is_vit(args):
+    return args.arch in VIT_ARCHS
+
+
+def build_backbone(args, **vit_kwargs):
+    """The --arch backbone without classifier: a ViT of common/vit.py at --crop-size (vit_kwargs:
+    drop_path_rate, init, pos_embed, num_heads...) or a ResNet of common/resnet.py."""
+    if is_vit(args):
+        return build_vit(args.arch, args.patch_size, img_size=args.crop_size, **vit_kwargs)
+    return build_resnet(args.arch, 0, args.width, args.cifar_stem)
 
 
 def autocast(args, device):
