@@ -39,6 +39,15 @@ def data64(tmp_path_factory):
     return root
 
 
+def refused(fn, *argv):
+    """The one-line message of the SystemExit that fn(*argv) ends in (no traceback, no second line)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*argv)
+    msg = str(e.value.code)
+    assert '\n' not in msg and 'Traceback' not in msg, msg
+    return msg
+
+
 def run(args, check=True, timeout=600, env=None, **kw):
     """Runs a command in the repo root; returns CompletedProcess with text output."""
     e = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_subset
+from conftest import REPO, make_subset, refused
 from common import dist
 from common.resnet import build_resnet
 from eval import lincls, semi
@@ -73,15 +73,6 @@ SEMI = Prog('semi', semi.main, 'semi_checkpoint.pth', 'semi_log.jsonl', 'semi.js
             ['--fraction', '0.1', '--batch-size', '10', '--workers', '0', '--device', 'cpu', '--lr', '0.05',
              '--print-freq', '1', '--epochs', '1'])
 PROGS = [LINCLS, SEMI]
-
-
-def refused(fn, *argv):
-    """The one-line message of the SystemExit fn(*argv) ends in."""
-    with pytest.raises(SystemExit) as e:
-        fn(*argv)
-    msg = str(e.value.code)
-    assert '\n' not in msg and 'Traceback' not in msg, msg
-    return msg
 
 
 # ============ a folder that holds a run ============

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, make_subset, python
+from conftest import REPO, TINY, make_subset, python, refused
 
 SMALL = TINY + ['--batch-size', '16', '--moco-k', '32', '--bn-splits', '2']
 
@@ -38,15 +38,6 @@ def assert_same_state(a, b):
 def moco(*argv):
     import moco as m
     return m.main([str(a) for a in argv])
-
-
-def refused(fn, *argv):
-    """The one-line SystemExit message of fn(*argv)."""
-    with pytest.raises(SystemExit) as e:
-        fn(*argv)
-    msg = str(e.value.code)
-    assert '\n' not in msg and 'Traceback' not in msg, msg
-    return msg
 
 
 def wait_for(cond, proc, timeout=300):
