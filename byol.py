@@ -205,8 +205,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     core = model
     if world > 1:  # BN running statistics stay per process; rank 0's are saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+        model = dist.ddp(model, device, sync_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size * accum)

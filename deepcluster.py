@@ -201,8 +201,7 @@ def main(argv=None):
     if world > 1:
         # no buffer broadcast (as OSS): each round sets the labels alike on every process, and aligns the
         # per-process BN statistics to rank 0's before extracting features
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+        model = dist.ddp(model, device, sync_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

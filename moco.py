@@ -191,8 +191,7 @@ def main(argv=None):
     if world > 1:
         # no buffer broadcast: the queue is kept identical by enqueueing the gathered keys (saves a
         # dimxK copy per step); BN running stats stay per process and rank 0's are saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+        model = dist.ddp(model, device, sync_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

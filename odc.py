@@ -283,8 +283,7 @@ def main(argv=None):
     core = model
     if world > 1:
         # no buffer broadcast: bank, labels and centroids are kept identical by update_memory & co.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+        model = dist.ddp(model, device, sync_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

@@ -148,7 +148,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     core = model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        model = dist.ddp(model, device)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

@@ -1,6 +1,7 @@
 """Distributed helpers. Every function works without a process group (it is then a no-op on one
 process), so the same script runs under plain `python` and under torchrun on N processes/nodes."""
 import datetime
+import inspect
 import os
 import random
 
@@ -45,6 +46,19 @@ def init_distributed(device_arg=None, timeout_min=None):
         dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None,
                                 timeout=timeout)
     return get_rank(), get_world_size(), device
+
+
+def ddp(model, device, sync_buffers=True):
+    """DistributedDataParallel over this process's device. sync_buffers=False: buffers are not copied
+    from rank 0 before each forward, for models that keep them identical by construction (queues,
+    banks) or per process (BN statistics; rank 0's are saved). torch 2.14 renamed that option
+    (forward_sync_buffers) and warns on every process about the old name."""
+    kw = {}
+    if not sync_buffers:
+        new = 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        kw = {'forward_sync_buffers' if new else 'broadcast_buffers': False}
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                                     **kw)
 
 
 def seed_all(seed, deterministic=False):
