@@ -2,9 +2,12 @@
 independent random parameters per sample, for the recipes of common/augment.py (issue 8).
 
 Input: uint8 RGB images, an NxCxHxW tensor (one size) or a list of CxHxW tensors (any sizes).
-Output: float32 NxCxSxS, normalised. A recipe is built from the very torchvision pipeline the PIL
-path uses, `from_transform(augment.moco_v2(224))`, so the order, probabilities and ranges cannot
-drift from it; an op without a batched equivalent is refused with its name.
+Output: float32 NxCxSxS, normalised; for a MultiView, a list with one such batch per view, S and
+every range and probability its own (multi-crop: 2 global + N local views of two sizes, what the
+PIL DataLoader's default collate makes of a list of per-view tensors). A recipe is built from the
+very torchvision pipeline the PIL path uses, `from_transform(augment.moco_v2(224))`, so the
+order, probabilities and ranges cannot drift from it; an op without a batched equivalent is refused
+with its name.
 
 Randomness: every parameter is drawn from the torch.Generator passed in, on that generator's device
 (a CPU generator gives the same augmentation on every device); `sample()` returns the per-sample
@@ -447,17 +450,28 @@ class Recipe:
 
 
 class MultiView:
-    """augment.MultiView for batches: a list with one batch per recipe, drawn in turn from `gen`."""
+    """augment.MultiView (and its multi-crop subclasses) for batches: a list with one batch per
+    recipe, drawn in turn from `gen`. The views may differ in output size (multi-crop's global and
+    local crops), crop scale and every probability: each recipe is its own batch, never stacked with
+    another. out_sizes: each view's (H, W); n_global / n_local are copied from a multi-crop transform
+    (from_transform). compiled(): one compiled recipe per view; the compiler guards on the recipe's
+    values (output size, ops), so views of one configuration (the local crops) share one graph and a
+    2 + N multi-crop compiles 3 graphs for any N (torch._dynamo's recompile limit, 8, counts the
+    graphs of every compiled recipe of the process: they share one code object)."""
 
     def __init__(self, *recipes):
         self.recipes, self.n_views = recipes, len(recipes)
+        crops = [getattr(getattr(r, 'recipe', r), 'crop', None) for r in recipes]
+        self.out_sizes = [getattr(c, 'size', None) for c in crops]  # None: a method's own batched view
 
     def __call__(self, images, gen):
         images = to_float(images)  # converted once for all views
         return [r(images, gen) for r in self.recipes]
 
     def compiled(self):
-        return MultiView(*[r.compiled() for r in self.recipes])
+        out = MultiView(*[r.compiled() for r in self.recipes])
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k in ('n_global', 'n_local')})
+        return out
 
 
 class CompiledRecipe:
@@ -516,16 +530,29 @@ def _step(op, p=1.0):
     raise ValueError(f'{type(op).__name__} has no batched equivalent')
 
 
+def _flat(t):
+    """The ops of a pipeline in order, nested Composes opened (DINO's reference pipelines nest
+    Compose([flip, jitter, grey]) and Compose([ToTensor, Normalize]) in each view's Compose)."""
+    if isinstance(t, T.Compose):
+        return [op for o in t.transforms for op in _flat(o)]
+    return [t]
+
+
 def from_transform(t):
-    """The batched equivalent of a PIL pipeline of common/augment.py (a Compose, or a MultiView of
-    them), or what a method's own transform returns from its `batched()` method. Raises ValueError
-    naming the first op it cannot reproduce."""
+    """The batched equivalent of a PIL pipeline of common/augment.py (a Compose, nested Composes
+    included, or a MultiView of them, one recipe per view whatever its size), or what a method's own
+    transform returns from its `batched()` method. Raises ValueError naming the first op it cannot
+    reproduce."""
     if callable(getattr(t, 'batched', None)):
         return t.batched()
     if isinstance(t, augment.MultiView):
-        return MultiView(*[from_transform(v) for v in t.transforms])
+        out = MultiView(*[from_transform(v) for v in t.transforms])
+        for k in ('n_global', 'n_local'):  # multi-crop (augment.MultiCrop)
+            if hasattr(t, k):
+                setattr(out, k, getattr(t, k))
+        return out
     crop, flip_p, ops, mean, std = None, 0.0, [], None, None
-    for op in (t.transforms if isinstance(t, T.Compose) else [t]):
+    for op in _flat(t):
         if isinstance(op, T.RandomResizedCrop) and crop is None:
             if op.interpolation not in _INTERP:
                 raise ValueError(f'RandomResizedCrop with {op.interpolation} has no batched equivalent')
