@@ -359,20 +359,32 @@ def save_training(state, output_dir, epoch_done, keep_epoch):
 # ---------------------------------------------------------------- backbone extraction / loading
 
 def save_backbone(backbone, path):
-    """Writes a ResNet's weights without fc (torchvision names): loads into torchvision's resnet with
-    only fc missing. Call on rank 0."""
-    save_atomic({k: v for k, v in backbone.state_dict().items() if not k.startswith('fc.')}, path)
+    """Writes the backbone's weights without its classifier: a ResNet without fc (torchvision names,
+    loads into torchvision's resnet with only fc missing), a common.vit.VisionTransformer without
+    head (timm names, loads into timm's VisionTransformer(num_classes=0) strictly). Call on rank 0."""
+    from common.vit import VisionTransformer
+    drop = 'head.' if isinstance(backbone, VisionTransformer) else 'fc.'
+    save_atomic({k: v for k, v in backbone.state_dict().items() if not k.startswith(drop)}, path)
 
 def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def backbone_state_dict(ckpt, keep_fc=False):
+def backbone_state_dict(ckpt, keep_fc=False, allow_vit=False):
     """Backbone weights (torchvision names, fc dropped) from any checkpoint this repo writes, a
-    facebookresearch/moco checkpoint, or a plain torchvision ResNet state dict.
+    facebookresearch/moco checkpoint, or a plain torchvision ResNet state dict. With allow_vit, a
+    checkpoint that holds a ViT (common.vit.holds_vit: a selfsup one, backbone.pth, a
+    facebookresearch/moco-v3 or dino checkpoint) gives the ViT's weights instead (timm names, head
+    dropped unless keep_fc; common.vit.vit_backbone_state_dict); without it such a file is refused.
 
     Raises ValueError listing the keys it cannot place when the file is none of those.
     """
+    from common.vit import holds_vit, vit_backbone_state_dict
+    if holds_vit(ckpt):
+        if not allow_vit:
+            raise ValueError('it holds a ViT backbone (patch_embed.*, timm names); this program reads ResNet '
+                             'backbones only')
+        return vit_backbone_state_dict(ckpt, keep_head=keep_fc)
     if isinstance(ckpt, dict) and 'model' in ckpt and 'backbone_prefix' in ckpt:
         sd = _strip(ckpt['model'], ckpt['backbone_prefix'])
     elif isinstance(ckpt, dict) and 'state_dict' in ckpt:  # facebookresearch/moco main_moco.py
@@ -396,11 +408,117 @@ def backbone_state_dict(ckpt, keep_fc=False):
     return sd
 
 
-def load_backbone(path, weights_only=True):
-    """(backbone ResNet with fc=Identity, its state dict, the checkpoint's args or {}) from `path`."""
+def checkpoint_args(ckpt):
+    """The training args a checkpoint carries, as a dict ({} when none): this repo's `args` dict, or
+    the argparse Namespace of a facebookresearch/dino checkpoint (loaded with --unsafe-load)."""
+    a = ckpt.get('args') if isinstance(ckpt, dict) else None
+    if a is not None and not isinstance(a, dict):
+        a = vars(a) if hasattr(a, '__dict__') else {}
+    return dict(a or {})
+
+
+def vit_method(ckpt):
+    """'mocov3', 'dino' or None: which method trained the ViT in `ckpt`, where the file says it (this
+    repo's args.method or method; facebookresearch/moco-v3's module.base_encoder.* layout; dino's
+    teacher/student layout). A plain backbone state dict says nothing."""
+    if not isinstance(ckpt, dict):
+        return None
+    method = ckpt.get('method') or checkpoint_args(ckpt).get('method')
+    if method in ('mocov3', 'dino'):
+        return method
+    sd = ckpt.get('state_dict')
+    if isinstance(sd, dict) and any(k.startswith(('module.base_encoder.', 'base_encoder.')) for k in sd):
+        return 'mocov3'
+    return 'dino' if 'teacher' in ckpt else None
+
+
+def run_checkpoint_beside(path, sd):
+    """For a plain backbone file (backbone.pth, which must stay a bare timm state dict): the training
+    checkpoint_last.pth in the same folder when its backbone is exactly `sd` (the same run), else
+    None. It tells which method trained the ViT and so its heads."""
+    if not path:
+        return None
+    last = Path(path).resolve().parent / 'checkpoint_last.pth'
+    if not last.is_file() or last == Path(path).resolve():
+        return None
+    try:
+        ckpt = torch.load(last, map_location='cpu', weights_only=True, mmap=True)
+        other = backbone_state_dict(ckpt, allow_vit=True)
+    except Exception:  # noqa: BLE001 -- only a hint: an unreadable neighbour is ignored
+        return None
+    same = other.keys() == sd.keys() and all(torch.equal(other[k], sd[k]) for k in sd)
+    return ckpt if same else None
+
+
+def vit_config(sd, ckpt, num_heads=None, path=None):
+    """common.vit.infer_vit_config of a ViT backbone state dict, plus vit=True, method (vit_method),
+    heads_from and weights_from. The number of heads changes no shape, so it comes from, in this
+    order: `num_heads` (a flag), the checkpoint's args.num_heads, MoCo v3's 12 for a ViT-Small of a
+    MoCo v3 checkpoint (`M3:vits.py:115-120`, methods-modern.md §0b.2), the size's default (6 for
+    DINO/DeiT's ViT-Small). A plain backbone file at `path` takes method and args from the run's
+    checkpoint_last.pth beside it when that holds the same weights (run_checkpoint_beside)."""
+    from common.vit import infer_vit_config
+    method, args = vit_method(ckpt), checkpoint_args(ckpt)
+    beside = run_checkpoint_beside(path, sd) if not method and not args else None
+    if beside is not None:
+        method, args = vit_method(beside), checkpoint_args(beside)
+    if num_heads:
+        src = 'given (--num-heads)'
+    elif args.get('num_heads'):
+        num_heads, src = int(args['num_heads']), "the checkpoint's args" if beside is None else 'checkpoint_last.pth beside it'
+    else:
+        size = infer_vit_config(sd, num_heads=1)['arch']  # heads do not affect the size
+        if method == 'mocov3' and size == 'vit_small':
+            num_heads, src = 12, 'MoCo v3 ViT-Small' + ('' if beside is None else ' (checkpoint_last.pth beside it)')
+        else:
+            src = f'default of {size}' if size else 'embed_dim / 64'
+    try:
+        cfg = infer_vit_config(sd, num_heads=num_heads)
+    except ValueError as e:
+        raise ValueError(f'{e} (--num-heads)') from None
+    if cfg['embed_dim'] % cfg['num_heads']:
+        raise ValueError(f'embed_dim {cfg["embed_dim"]} is not divisible by {cfg["num_heads"]} heads ({src})')
+    return dict(cfg, vit=True, method=method, heads_from=src, weights_from=_vit_source(ckpt))
+
+
+def _vit_source(ckpt):
+    """Where vit_backbone_state_dict takes a ViT from, for protocol records."""
+    if isinstance(ckpt, dict) and 'model' in ckpt and 'backbone_prefix' in ckpt:
+        return f"model[{ckpt['backbone_prefix']}*]"
+    if isinstance(ckpt, dict) and 'state_dict' in ckpt:
+        return 'state_dict[module.base_encoder.*] (MoCo v3 layout)' if vit_method(ckpt) == 'mocov3' else 'state_dict'
+    if isinstance(ckpt, dict) and 'teacher' in ckpt:
+        return 'teacher[backbone.*] (DINO layout)'
+    return 'backbone state dict'
+
+
+
+def build_vit_backbone(sd, cfg, path=''):
+    """The common.vit.VisionTransformer of `cfg` (vit_config, no head) with `sd` loaded strictly;
+    ValueError naming what does not match."""
+    from common.vit import build_vit
+    keys = ('embed_dim', 'depth', 'num_heads', 'patch_size', 'img_size', 'in_chans', 'mlp_ratio', 'qkv_bias',
+            'pos_embed')
+    try:
+        model = build_vit(None, **{k: cfg[k] for k in keys})
+        model.load_state_dict(sd)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f'{path}: ViT backbone does not match {({k: cfg[k] for k in keys})}: '
+                         f'{" ".join(str(e).split())[:300]}') from None
+    return model
+
+
+def load_backbone(path, weights_only=True, num_heads=None):
+    """(backbone with fc=Identity, its state dict, the checkpoint's args or {}) from `path`: a ResNet,
+    or a common.vit.VisionTransformer (head Identity) when the file holds a ViT (vit_config says how
+    its heads are chosen; `num_heads` overrides)."""
     from common.resnet import build_resnet, infer_resnet_config
     ckpt = load(path, weights_only=weights_only)
-    sd = backbone_state_dict(ckpt)
+    sd = backbone_state_dict(ckpt, allow_vit=True)
+    args = checkpoint_args(ckpt)
+    from common.vit import is_vit_state_dict
+    if is_vit_state_dict(sd):
+        return build_vit_backbone(sd, vit_config(sd, ckpt, num_heads, path), path), sd, args
     cfg = infer_resnet_config(sd)
     model = build_resnet(cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
                          in_channels=cfg['in_channels'])
@@ -408,7 +526,6 @@ def load_backbone(path, weights_only=True):
     if missing or unexpected:
         raise ValueError(f'{path}: backbone does not match {cfg}: missing {missing[:10]}, '
                          f'unexpected {unexpected[:10]}')
-    args = ckpt.get('args', {}) if isinstance(ckpt, dict) else {}
     return model, sd, args
 
 

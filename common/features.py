@@ -11,6 +11,10 @@ Fixed pooling ('multi', avg-pool with count_include_pad as nn.AvgPool2d):
   * 32-px input, CIFAR stem (our choice, no reference exists): the same idea on maps of 32, 32, 16, 8, 4
     px, giving grids 8, 4, 3, 2, 2 and 4096 / 4096 / 4608 / 4096 / 8192 dims for a ResNet-50 width 64.
 Dims scale with the channel count: a ResNet-18 has 64, 64, 128, 256, 512 channels at the five layers.
+
+ViT backbones (common/vit.py, methods-modern.md §0b) are read off the weights as well (allow_vit):
+their features are the normed cls token, the mean patch token and DINO's last-N-blocks cls tokens
+(VIT_LAYERS), with DINO's bicubic evaluation view (vit_eval_transform).
 """
 import argparse
 
@@ -21,6 +25,7 @@ from tqdm import tqdm
 from common import checkpoint, dist
 from common.data import loader_kwargs
 from common.resnet import build_resnet, build_resnet_sobel, infer_resnet_config
+from common.vit import is_vit_state_dict
 
 LAYERS = ('feat1', 'feat2', 'feat3', 'feat4', 'feat5', 'avgpool')
 ALIASES = {'stem': 'feat1', 'layer1': 'feat2', 'layer2': 'feat3', 'layer3': 'feat4', 'layer4': 'feat5'}
@@ -41,6 +46,21 @@ def layer_name(s):
     if s not in LAYERS:
         raise argparse.ArgumentTypeError(f'unknown layer {s!r}; choose from {", ".join(LAYERS + tuple(ALIASES))}')
     return s
+
+
+def any_layer_name(s):
+    """argparse type of eval/extract.py: a ResNet layer (layer_name) or a ViT feature (VIT_LAYERS,
+    cls_lastN); which of the two the backbone takes is checked once it is loaded."""
+    try:
+        vit_layer(s)
+        return s
+    except ValueError:
+        pass
+    try:
+        return layer_name(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'unknown layer {s!r}; a ResNet offers {", ".join(LAYERS + tuple(ALIASES))}, '
+                                         f'a ViT cls, patch_avg, cls_lastN') from None
 
 
 def pool_grid(name, input_size, pool='multi'):
@@ -120,14 +140,19 @@ def build_backbone(cfg, num_classes=0):
     return build_resnet(cfg['arch'], num_classes, cfg['width'], cfg['cifar_stem'], cfg['in_channels'])
 
 
-def load_eval_backbone(path, weights_only=True):
+def load_eval_backbone(path, weights_only=True, allow_vit=False, num_heads=None):
     """(backbone with fc=Identity, its state dict, config, checkpoint args) from any checkpoint that
     common.checkpoint.backbone_state_dict understands; a Sobel backbone comes with its front end.
-    Raises FileNotFoundError / RuntimeError / ValueError with the reason."""
+    With allow_vit a ViT checkpoint gives a common.vit.VisionTransformer (head Identity) and the
+    config of checkpoint.vit_config (vit=True; heads from `num_heads`, the args or the size's default);
+    without it a ViT is refused. Raises FileNotFoundError / RuntimeError / ValueError with the reason."""
     ckpt = checkpoint.load(path, weights_only=weights_only)
-    sd = checkpoint.backbone_state_dict(ckpt)
+    sd = checkpoint.backbone_state_dict(ckpt, allow_vit=allow_vit)
+    args = checkpoint.checkpoint_args(ckpt)
+    if is_vit_state_dict(sd):
+        cfg = checkpoint.vit_config(sd, ckpt, num_heads, path)
+        return checkpoint.build_vit_backbone(sd, cfg), sd, cfg, args
     cfg = infer_resnet_config(sd)
-    args = (ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
     sobel_flag(cfg, args)
     model = build_backbone(cfg)
     try:
@@ -135,6 +160,72 @@ def load_eval_backbone(path, weights_only=True):
     except RuntimeError as e:
         raise ValueError(f'backbone does not match {cfg}: {" ".join(str(e).split())[:500]}') from None
     return model, sd, cfg, args
+
+
+def default_crop(cfg):
+    """The eval input size of a backbone config: a ViT's own (its position table's grid x patch), 32
+    for a CIFAR-stem ResNet, else 224."""
+    if cfg.get('vit'):
+        return cfg['img_size']
+    return 32 if cfg['cifar_stem'] else 224
+
+
+def describe_backbone(cfg):
+    """The config fields a protocol JSON records about the backbone."""
+    if cfg.get('vit'):
+        return {k: cfg[k] for k in ('arch', 'embed_dim', 'depth', 'num_heads', 'heads_from', 'patch_size',
+                                    'img_size', 'pos_embed', 'method', 'weights_from')}
+    return dict(arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'])
+
+
+# ============ ViT features ============
+
+# eval/extract.py layer names of a ViT (all computed after the final LayerNorm, eval mode):
+#   cls        the normed [CLS] token (D), the representation of MoCo v3 and DINO (methods-modern.md §0b.1)
+#   patch_avg  the mean of the normed patch tokens (D)
+#   cls_lastN  the normed cls tokens of the last N blocks concatenated (N*D), DINO's linear feature (§16.7)
+VIT_LAYERS = ('cls', 'patch_avg', 'cls_last4')
+
+
+def vit_layer(name):
+    """N blocks of a cls_lastN name, 0 for cls/patch_avg; ValueError for other names."""
+    if name in ('cls', 'patch_avg'):
+        return 0
+    if name.startswith('cls_last') and name[len('cls_last'):].isdigit() and int(name[len('cls_last'):]) > 0:
+        return int(name[len('cls_last'):])
+    raise ValueError(f'{name!r} is not a ViT feature; a ViT offers cls, patch_avg and cls_lastN (N >= 1)')
+
+
+def vit_feature_fn(model, layers, amp=None):
+    """fn(images) -> {layer: NxD} of the VIT_LAYERS-style names `layers`, one backbone pass per call
+    (the last max-N blocks' tokens through the final LayerNorm, DINO's get_intermediate_layers);
+    model in eval mode."""
+    amp = amp or dict(device_type='cpu', enabled=False)
+    n = max([1] + [vit_layer(name) for name in layers])
+    if n > len(model.blocks):
+        raise ValueError(f'cls_last{n}: the ViT has {len(model.blocks)} blocks')
+
+    def fn(x):
+        with torch.autocast(**amp):
+            outs = model.get_intermediate_layers(x, n)  # n x Bx(1+N)xD, each normed
+        feats = {}
+        for name in layers:
+            k = vit_layer(name)
+            feats[name] = (outs[-1][:, 1:].mean(1) if name == 'patch_avg' else
+                           torch.cat([o[:, 0] for o in outs[len(outs) - max(k, 1):]], -1))
+        return feats
+    return fn
+
+
+def vit_eval_transform(size=224, interpolation='bicubic'):
+    """DINO's evaluation view (`DN:eval_knn.py`, `DN:eval_linear.py`; methods-modern.md §16.6-16.7):
+    Resize(size*256/224, bicubic) + CenterCrop(size) + ImageNet normalisation; below 64 px only the
+    resize to `size` (as common.augment.eval_transform for small images)."""
+    import torchvision.transforms as T
+    from common.augment import normalize
+    mode = T.InterpolationMode(interpolation)
+    resize = size if size < 64 else round(size * 256 / 224)
+    return T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(size), T.ToTensor(), normalize])
 
 
 # ============ extraction ============
