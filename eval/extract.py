@@ -16,6 +16,14 @@ Writes to --output-dir (default: features/ beside --pretrained), for split S:
   S_files.txt     the image paths in row order
   S_meta.json     checkpoint, layers, dims, pooling, transform, ...
 Rows are streamed to disk (numpy memmap) on rank 0, so the features need not fit in memory.
+
+A ViT backbone (read off the weights, as in eval/knn.py) offers other layers, all after the final
+LayerNorm in eval mode: cls (the normed [CLS] token, D; the default), patch_avg (the mean of the
+normed patch tokens, D) and cls_lastN (the normed cls tokens of the last N blocks concatenated, N*D:
+DINO's linear feature, methods-modern.md §16.7); --pool does not apply. Its view is DINO's bicubic
+Resize + CenterCrop (--view center) or the warp view; --num-heads as in eval/knn.py.
+
+  python eval/extract.py --pretrained output/dino/backbone.pth /data/imagenet --layers cls cls_last4
 """
 import argparse
 import json
@@ -29,8 +37,9 @@ import torch  # noqa: E402
 
 from common import augment, checkpoint, dist  # noqa: E402
 from common.data import build_dataset  # noqa: E402
-from common.features import (LAYERS, StagePool, feature_dims, iter_features, layer_name,  # noqa: E402
-                             load_eval_backbone, stage_feature_fn)
+from common.features import (LAYERS, StagePool, any_layer_name, default_crop, describe_backbone,  # noqa: E402
+                             feature_dims, iter_features, load_eval_backbone, stage_feature_fn, vit_eval_transform,
+                             vit_feature_fn, vit_layer)
 from common.log import Logger  # noqa: E402
 
 
@@ -43,11 +52,17 @@ def get_parser():
                         'ResNet state dict')
     p.add_argument('--unsafe-load', action='store_true', help='torch.load with weights_only=False (trusted files only)')
     p.add_argument('--split', default='train', help='sub-folder of an ImageNet-layout root (ignored otherwise)')
-    p.add_argument('--layers', type=layer_name, nargs='+', default=list(LAYERS[:5]),
-                   help='feat1..feat5 (aliases stem, layer1..layer4) and/or avgpool')
-    p.add_argument('--pool', choices=['multi', 'avg'], default='multi',
-                   help='multi: fixed multi-layer pooling of the benchmarks; avg: global average pooling')
-    p.add_argument('--crop-size', type=int, default=None, help='None = 32 for a CIFAR-stem backbone, else 224')
+    p.add_argument('--layers', type=any_layer_name, nargs='+', default=None,
+                   help='ResNet: feat1..feat5 (aliases stem, layer1..layer4) and/or avgpool; None = feat1..feat5. '
+                        'ViT: cls, patch_avg, cls_lastN; None = cls')
+    p.add_argument('--pool', choices=['multi', 'avg'], default=None,
+                   help='ResNet layers: multi (fixed multi-layer pooling of the benchmarks; the default) or avg '
+                        '(global average pooling); not for a ViT')
+    p.add_argument('--crop-size', type=int, default=None,
+                   help='None = 32 for a CIFAR-stem backbone, a ViT\'s own size, else 224')
+    p.add_argument('--num-heads', type=int, default=None,
+                   help='ViT attention heads (not in the weights); None = the checkpoint\'s args, 12 for a MoCo v3 '
+                        'ViT-Small, else the size\'s default')
     p.add_argument('--view', choices=['center', 'warp'], default='center',
                    help='center: Resize(size*256/224) + CenterCrop; warp: Resize(size*256/224) then warp to '
                         'size x size (the VOC07 SVM view)')
@@ -65,18 +80,35 @@ def main(argv=None):
     log = Logger()
     pretrained = Path(args.pretrained).resolve()
     out = Path(args.output_dir) if args.output_dir else pretrained.parent / 'features'
-    layers = list(dict.fromkeys(args.layers))  # unique, in the given order
-
     # ============ backbone ============
     try:
-        model, _, cfg, _ = load_eval_backbone(pretrained, weights_only=not args.unsafe_load)
+        model, _, cfg, _ = load_eval_backbone(pretrained, weights_only=not args.unsafe_load, allow_vit=True,
+                                              num_heads=args.num_heads)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f'--pretrained {pretrained}: {e}') from None
-    crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
-    try:
-        pool = StagePool(layers, crop, args.pool)
-    except ValueError as e:
-        raise SystemExit(f'--pool {args.pool}: {e}') from None
+    vit = bool(cfg.get('vit'))
+    layers = list(dict.fromkeys(args.layers or (['cls'] if vit else list(LAYERS[:5]))))  # unique, in order
+    crop = args.crop_size or default_crop(cfg)
+    if vit:
+        wrong = [n for n in layers if n in LAYERS]
+        if wrong:
+            raise SystemExit(f'--layers {" ".join(wrong)}: a ViT has no ResNet stages; it offers cls, patch_avg and '
+                             f'cls_lastN (the last N blocks\' cls tokens)')
+        if args.pool:
+            raise SystemExit(f'--pool {args.pool}: pools ResNet feature maps; a ViT\'s features (--layers cls, '
+                             f'patch_avg, cls_lastN) are pooled by definition')
+        if max(vit_layer(n) for n in layers) > cfg['depth']:
+            raise SystemExit(f'--layers: the ViT has {cfg["depth"]} blocks, fewer than {" ".join(layers)} asks for')
+    else:
+        wrong = [n for n in layers if n not in LAYERS]
+        if wrong:
+            raise SystemExit(f'--layers {" ".join(wrong)}: ViT features; a ResNet offers {", ".join(LAYERS)} '
+                             f'(aliases stem, layer1..layer4)')
+        args.pool = args.pool or 'multi'
+        try:
+            pool = StagePool(layers, crop, args.pool)
+        except ValueError as e:
+            raise SystemExit(f'--pool {args.pool}: {e}') from None
     model = model.to(device).eval()
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
@@ -84,16 +116,25 @@ def main(argv=None):
                enabled=args.amp != 'off')
 
     # ============ data ============
-    tf = augment.eval_transform(crop) if args.view == 'center' else augment.warp_transform(crop)
+    if args.view == 'warp':
+        tf = augment.warp_transform(crop)
+    else:
+        tf = vit_eval_transform(crop) if vit else augment.eval_transform(crop)
     try:
         dataset = build_dataset(args.data, tf, args.split)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'data: {e}') from None
-    dims = feature_dims(model, layers, crop, args.pool)
-    meta = dict(pretrained=str(pretrained), data=str(args.data), split=args.split, images=len(dataset),
-                layers=layers, dims=dims, pool=args.pool, crop_size=crop, arch=cfg['arch'], width=cfg['width'],
-                cifar_stem=cfg['cifar_stem'], sobel=cfg['in_channels'] == 2,
-                transform=' + '.join(repr(t) for t in tf.transforms), amp=args.amp, world_size=world,
+    if vit:
+        dims = {n: cfg['embed_dim'] * max(vit_layer(n), 1) for n in layers}
+        meta = dict(pretrained=str(pretrained), data=str(args.data), split=args.split, images=len(dataset),
+                    layers=layers, dims=dims, pool='none (ViT tokens after the final LayerNorm)', crop_size=crop,
+                    **describe_backbone(cfg))
+    else:
+        dims = feature_dims(model, layers, crop, args.pool)
+        meta = dict(pretrained=str(pretrained), data=str(args.data), split=args.split, images=len(dataset),
+                    layers=layers, dims=dims, pool=args.pool, crop_size=crop, arch=cfg['arch'], width=cfg['width'],
+                    cifar_stem=cfg['cifar_stem'], sobel=cfg['in_channels'] == 2)
+    meta.update(transform=' + '.join(repr(t) for t in tf.transforms), amp=args.amp, world_size=world,
                 git=checkpoint.git_commit())
     log.print('extracting: ' + json.dumps(meta, indent=1))
 
@@ -104,7 +145,7 @@ def main(argv=None):
         arrays = {n: np.lib.format.open_memmap(out / f'{args.split}_{n}.npy', 'w+', np.float32, (len(dataset), d))
                   for n, d in dims.items()}
         labels = np.full(len(dataset), -1, np.int64)
-    fn = stage_feature_fn(model, pool, amp)
+    fn = vit_feature_fn(model, layers, amp) if vit else stage_feature_fn(model, pool, amp)
     for idx, feats, lab in iter_features(fn, dataset, args.batch_size, args.workers, device, f'{args.split} features'):
         if dist.is_main():
             for n, v in feats.items():
