@@ -23,6 +23,21 @@ losses are summed. --layers switches the defaults to that protocol (MULTIHEAD be
 still win) and the train augmentation to RandomResizedCrop + flip + ColorJitter(0.4, 0.4, 0.4) +
 lighting. Result: top-1/top-5 per layer.
 
+ViT backbones (common/vit.py; read off the weights of a selfsup mocov3.py/dino.py checkpoint or
+backbone.pth, or of a facebookresearch/moco-v3 or dino checkpoint) get one of two protocols,
+--protocol mocov3 or dino (default: the method the checkpoint names, else mocov3). Both freeze the
+whole ViT in eval mode, train one Linear N(0, 0.01)/0 with SGD momentum 0.9, wd 0, a per-epoch cosine
+to 0, RandomResizedCrop(224) + flip, and check that the backbone did not change:
+  * mocov3 (methods-modern.md §15.6, `M3:main_lincls.py`): the normed [CLS] token (timm's head on it);
+    lr 3 per 256 (12 at batch 1024), batch 1024, 90 epochs; val Resize(256) + CenterCrop(224).
+  * dino (§16.7, `DN:eval_linear.py`): the normed cls tokens of the last --n-last-blocks blocks
+    concatenated (4 by default: 4 x 384 for ViT-S); for ViT-B 1 block plus the mean patch token
+    (--avgpool-patchtokens, interleaved with the cls token dimension by dimension as in DINO, n = 1
+    only); lr 0.001 per 256, batch 1024, 100 epochs; val Resize(256, bicubic) + CenterCrop(224).
+The recipe's values are the defaults; explicit flags still win. At 32 px the CIFAR augmentation
+below replaces RandomResizedCrop. The number of heads is not in the weights: --num-heads, else the
+checkpoint's args, else 12 for a MoCo v3 ViT-Small, else the size's default (6 for ViT-Small).
+
 Deviations from main_lincls.py:
   * --lr is per 256 images and scaled linearly with the global batch (the same at batch 256);
   * 32-px data (CIFAR-stem backbone or --crop-size < 64): RandomCrop(pad 4)+flip, val resize only;
@@ -55,9 +70,10 @@ from common import augment, checkpoint, dist, optim  # noqa: E402
 from common.run import data_fingerprint, positive  # noqa: E402
 from common.data import EpochSampler, build_dataset, has_split, loader_kwargs  # noqa: E402
 from common.log import Logger, Meter, peak_memory_mb, progress  # noqa: E402
-from common.features import (STAGE, StagePool, build_backbone, feature_dims, layer_name, sobel_flag,  # noqa: E402
-                             stage_channels)
+from common.features import (STAGE, StagePool, build_backbone, default_crop, describe_backbone,  # noqa: E402
+                             feature_dims, layer_name, sobel_flag, stage_channels, vit_eval_transform)
 from common.resnet import infer_resnet_config  # noqa: E402
+from common.vit import is_vit_state_dict  # noqa: E402
 
 CKPT_NAME = 'lincls_checkpoint.pth'
 LOG_NAME = 'lincls_log.jsonl'
@@ -68,6 +84,11 @@ MAY_CHANGE = {'epochs', 'workers', 'print_freq', 'output_dir', 'device', 'resume
               'unsafe_load', 'dist_timeout', 'pretrained', 'data'}
 # defaults of the multi-head protocol (OSS r50_multihead.py), applied when --layers is given
 MULTIHEAD = dict(epochs=90, lr=0.01, schedule=[30, 60, 90], wd=1e-4, nesterov=True)
+# defaults of the ViT protocols, applied when --pretrained holds a ViT (see the docstring)
+VIT_RECIPES = {
+    'mocov3': dict(epochs=90, lr=3.0, batch_size=1024, schedule=[], cos=True, wd=0.0),   # M3:CONFIG.md:141-149
+    'dino': dict(epochs=100, lr=0.001, batch_size=1024, schedule=[], cos=True, wd=0.0),  # DN:eval_linear.py
+}
 
 # ============ arguments ============
 
@@ -87,6 +108,8 @@ def get_parser():
                    help='GLOBAL batch over all processes (each process takes batch/world)')
     g.add_argument('--lr', type=positive(float), default=30.0, help='LR for a global batch of 256; scaled linearly')
     g.add_argument('--schedule', type=int, nargs='*', default=[60, 80], help='x0.1 at these epochs')
+    g.add_argument('--cos', action=argparse.BooleanOptionalAction, default=False,
+                   help='per-epoch cosine from the LR to 0 instead of --schedule (the ViT protocols\' schedule)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--wd', type=float, default=0.0, help='weight decay')
     g.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=False, help='Nesterov momentum')
@@ -95,9 +118,22 @@ def get_parser():
                    help='one BN(affine=False) + linear head per layer on its fixed-pooled features: feat1..feat5 '
                         '(aliases stem, layer1..layer4) and/or avgpool; sets the defaults to ' +
                         ', '.join(f'{k}={v}' for k, v in MULTIHEAD.items()))
+    g = p.add_argument_group('ViT backbones (methods-modern.md §15.6, §16.7)')
+    g.add_argument('--protocol', choices=['mocov3', 'dino'], default=None,
+                   help='ViT protocol and its defaults: mocov3 (normed cls token; ' +
+                        ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['mocov3'].items()) + ') or dino (last blocks\' '
+                        'cls tokens; ' + ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['dino'].items()) + '); '
+                        'None = the method the checkpoint names, else mocov3')
+    g.add_argument('--n-last-blocks', type=positive(int), default=None,
+                   help='dino: concatenate the normed cls tokens of the last n blocks; None = 1 for ViT-Base, else 4')
+    g.add_argument('--avgpool-patchtokens', action=argparse.BooleanOptionalAction, default=None,
+                   help='dino: also the mean patch token (n = 1 only); None = on for ViT-Base only')
+    g.add_argument('--num-heads', type=positive(int), default=None,
+                   help='ViT attention heads (not in the weights); None = the checkpoint\'s args, 12 for a MoCo v3 '
+                        'ViT-Small, else the size\'s default')
     g = p.add_argument_group('data and speed')
     g.add_argument('--crop-size', type=int, default=None,
-                   help='crop size; None = 32 for a CIFAR-stem backbone, else 224. Below 64 the 32-px '
+                   help='crop size; None = 32 for a CIFAR-stem backbone, a ViT\'s own size, else 224. Below 64 the 32-px '
                         'recipe is used (RandomCrop pad 4 + flip; val resize only)')
     g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
@@ -125,22 +161,61 @@ def add_dist_timeout(g):
                         '(a stalled or dead process then ends the run instead of hanging it)')
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, recipe=None):
+    """The flags, with the multi-head defaults when --layers is given, or those of `recipe` (a
+    VIT_RECIPES entry) for a ViT; explicit flags win over both."""
     p = get_parser()
     if p.parse_known_args(argv)[0].layers:
         p.set_defaults(**MULTIHEAD)
+    if recipe:
+        p.set_defaults(**recipe)
     return p.parse_args(argv)
+
+
+def vit_protocol(argv, args, cfg):
+    """For a ViT backbone: the flags re-read with its protocol's defaults (VIT_RECIPES), protocol,
+    n_last_blocks and avgpool_patchtokens settled. SystemExit (one line) for ResNet-only flags and
+    impossible combinations."""
+    if args.layers:
+        raise SystemExit(f'--layers {" ".join(args.layers)}: the multi-head protocol takes ResNet stages; a ViT offers '
+                         f'--protocol mocov3 (normed cls token) or --protocol dino (--n-last-blocks N cls tokens, '
+                         f'--avgpool-patchtokens)')
+    protocol = args.protocol or cfg['method'] or 'mocov3'
+    args = parse_args(argv, VIT_RECIPES[protocol])
+    args.protocol = protocol
+    base = cfg['arch'] == 'vit_base'  # DN:eval_linear.py help, DN:README.md:332-345
+    if protocol == 'mocov3':
+        if args.n_last_blocks or args.avgpool_patchtokens:
+            raise SystemExit('--n-last-blocks/--avgpool-patchtokens choose DINO\'s feature; the mocov3 protocol is the '
+                             'normed cls token: add --protocol dino')
+        args.n_last_blocks, args.avgpool_patchtokens = 1, False
+        return args
+    if args.n_last_blocks is None:
+        args.n_last_blocks = 1 if base else 4
+    if args.avgpool_patchtokens is None:
+        args.avgpool_patchtokens = base and args.n_last_blocks == 1
+    if args.avgpool_patchtokens and args.n_last_blocks != 1:
+        raise SystemExit(f'--avgpool-patchtokens works with --n-last-blocks 1 only (as in DINO), not {args.n_last_blocks}')
+    if args.n_last_blocks > cfg['depth']:
+        raise SystemExit(f'--n-last-blocks {args.n_last_blocks}: the ViT has {cfg["depth"]} blocks')
+    return args
 
 
 # ============ backbone loading and checks ============
 
 
-def backbone_weights(path, weights_only=True):
+def backbone_weights(path, weights_only=True, num_heads=None):
     """(backbone state dict with torchvision names and no fc, its ResNet config) from any checkpoint
-    common.checkpoint.backbone_state_dict understands. SystemExit naming the problem otherwise."""
+    common.checkpoint.backbone_state_dict understands; for a ViT (timm names, no head) the config of
+    common.checkpoint.vit_config (vit=True; heads: `num_heads`, the args, MoCo v3's 12 for ViT-S, the
+    size's default), checked by building it. SystemExit naming the problem otherwise."""
     try:
         ckpt = checkpoint.load(path, weights_only=weights_only)
-        sd = checkpoint.backbone_state_dict(ckpt)
+        sd = checkpoint.backbone_state_dict(ckpt, allow_vit=True)
+        if is_vit_state_dict(sd):
+            cfg = checkpoint.vit_config(sd, ckpt, num_heads, path)
+            checkpoint.build_vit_backbone(sd, cfg)  # the weights fit the config
+            return sd, cfg
         cfg = infer_resnet_config(sd)
         sobel_flag(cfg, ckpt.get('args') if isinstance(ckpt, dict) else None)  # args and conv1 must agree
         return sd, cfg
@@ -176,6 +251,57 @@ def check_backbone_unchanged(model, ref):
     if changed:
         raise RuntimeError(f'{len(changed)} frozen backbone tensors changed during linear training: '
                            f'{changed[:10]}')
+
+
+class ViTLinear(nn.Module):
+    """Frozen ViT -> the protocol's feature -> `fc` (Linear, the only trainable tensors; named fc as in
+    the ResNet mode, so checkpoints save core.fc). mocov3: the normed cls token (`M3:main_lincls.py`,
+    timm's head on forward_features' cls token); dino: VisionTransformer.linear_features, the normed
+    cls tokens of the last n blocks concatenated, with avgpool the mean patch token interleaved
+    (`DN:eval_linear.py:166-170`), dim D x (n + avgpool). train() keeps the backbone in eval mode."""
+
+    def __init__(self, backbone, num_classes, protocol='mocov3', n_last_blocks=1, avgpool=False):
+        super().__init__()
+        self.backbone, self.protocol, self.n, self.avgpool = backbone, protocol, n_last_blocks, avgpool
+        self.feat_dim = backbone.embed_dim * (n_last_blocks + int(avgpool))
+        self.fc = nn.Linear(self.feat_dim, num_classes)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features(self, x):
+        if self.protocol == 'mocov3':
+            return self.backbone.pooled(x, 'cls')
+        return self.backbone.linear_features(x, self.n, self.avgpool)
+
+    def forward(self, x):
+        with torch.no_grad():  # frozen: no graph through the backbone
+            f = self.features(x)
+        return self.fc(f)
+
+
+VIT_TITLES = {'mocov3': 'MoCo v3 linear classification of a ViT (main_lincls.py; methods-modern.md §15.6)',
+              'dino': 'DINO linear classification of a ViT (eval_linear.py; methods-modern.md §16.7)'}
+
+
+def vit_feature_text(args):
+    """What ViTLinear feeds its fc, for the protocol record."""
+    if args.protocol == 'mocov3':
+        return 'normed [CLS] token (after the final LayerNorm)'
+    text = (f'normed [CLS] tokens of the last {args.n_last_blocks} blocks, concatenated' if args.n_last_blocks > 1
+            else 'normed [CLS] token of the last block')
+    return text + (', interleaved with the mean normed patch token' if args.avgpool_patchtokens else '')
+
+
+def build_vit_linear_model(sd, cfg, num_classes, protocol, n_last_blocks=1, avgpool=False):
+    """ViTLinear on the ViT of `cfg` loaded strictly from `sd` (no head, so nothing but fc is new)."""
+    try:
+        backbone = checkpoint.build_vit_backbone(sd, cfg)
+    except ValueError as e:
+        raise SystemExit(f'--pretrained: {e}') from None
+    return ViTLinear(backbone, num_classes, protocol, n_last_blocks, avgpool)  # main() inits fc as for a ResNet
 
 
 class MultiHeadLinear(nn.Module):
@@ -443,7 +569,16 @@ def main(argv=None):
     pretrained = Path(args.pretrained).resolve()
     out_dir = Path(args.output_dir) if args.output_dir else pretrained.parent
     result_path = out_dir / (pretrained.name + '.lincls.json')  # beside the checkpoint by default
-    sd, cfg = backbone_weights(pretrained, weights_only=not args.unsafe_load)  # before any file is written
+    sd, cfg = backbone_weights(pretrained, not args.unsafe_load, args.num_heads)  # before any file is written
+    vit = bool(cfg.get('vit'))
+    if vit:
+        args = vit_protocol(argv, args, cfg)
+    else:
+        given = [f for f, v in (('--protocol', args.protocol), ('--n-last-blocks', args.n_last_blocks),
+                                ('--avgpool-patchtokens', args.avgpool_patchtokens), ('--num-heads', args.num_heads))
+                 if v is not None]
+        if given:
+            raise SystemExit(f'{"/".join(given)}: for ViT backbones; --pretrained {pretrained} holds a ResNet')
     fingerprint = weights_fingerprint(sd)
     files = Outputs('lincls', out_dir, CKPT_NAME, LOG_NAME, [result_path.name], default=not args.output_dir)
     ckpt_path = dist.on_main(lambda: claim(args, files, fingerprint, MAY_CHANGE))
@@ -462,11 +597,12 @@ def main(argv=None):
         raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by '
                          f'the number of processes ({world})')
     local_bs = args.batch_size // world
-    crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
+    crop = args.crop_size or default_crop(cfg)
     multi = bool(args.layers)
     heads = list(dict.fromkeys(args.layers)) if multi else ['fc']
     train_tf = augment.goyal_linear(crop) if multi and crop >= 64 else train_transform(crop)
-    val_tf = augment.eval_transform(crop)
+    # DINO evaluates on a bicubic resize (DN:eval_linear.py), MoCo v3 on torchvision's default bilinear
+    val_tf = vit_eval_transform(crop) if vit and args.protocol == 'dino' else augment.eval_transform(crop)
     if not has_split(args.data, 'val'):
         raise SystemExit(f'data: {args.data} needs train/<class>/ and val/<class>/ folders (ImageNet layout)')
     try:
@@ -491,6 +627,9 @@ def main(argv=None):
     # ============ model ============
     if multi:
         model = build_multihead_model(sd, cfg, num_classes, heads, crop)
+    elif vit:
+        model = build_vit_linear_model(sd, cfg, num_classes, args.protocol, args.n_last_blocks,
+                                       args.avgpool_patchtokens)
     else:
         model = build_linear_model(sd, cfg, num_classes)
     for name, p in model.named_parameters():  # freeze all but the classifier(s)
@@ -524,18 +663,22 @@ def main(argv=None):
 
     protocol = dict(
         protocol='multi-head linear classification (Goyal et al. 2019; OSS r50_multihead.py)' if multi else
-        'MoCo linear classification (main_lincls.py)', pretrained=str(pretrained),
-        arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'], in_channels=cfg['in_channels'],
+        VIT_TITLES[args.protocol] if vit else 'MoCo linear classification (main_lincls.py)', pretrained=str(pretrained),
+        **(describe_backbone(cfg) if vit else dict(arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
+                                                   in_channels=cfg['in_channels'])),
         feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=len(train_set),
         val_images=len(val_set), epochs=args.epochs, lr=args.lr, effective_lr=lr, batch_size=args.batch_size,
         world_size=world, momentum=args.momentum, nesterov=args.nesterov, wd=args.wd, schedule=args.schedule,
-        gamma=0.1, lr_schedule='step, per epoch', crop_size=crop, train_aug=describe(train_tf),
+        gamma=0.1, lr_schedule='cosine to 0, per epoch' if args.cos else 'step, per epoch', crop_size=crop, train_aug=describe(train_tf),
         val_aug=describe(val_tf), bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
         fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed)
     if multi:
         protocol.update(layers=heads, feat_dims=core.dims, pooling='fixed avg-pool kernels, common/features.py',
                         bn='backbone frozen in eval mode; each head BatchNorm2d(affine=False, momentum 0.1) in train mode',
                         trainable='weight and bias of one Linear per layer', loss='sum of the heads\' cross-entropies')
+    if vit:
+        protocol.update(feature=vit_feature_text(args), n_last_blocks=args.n_last_blocks,
+                        avgpool_patchtokens=args.avgpool_patchtokens)
     log.print('protocol: ' + json.dumps(protocol, indent=1))
     log.record(type='lincls_protocol', **protocol)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256; {len(train_set)} training images, '
@@ -559,7 +702,7 @@ def main(argv=None):
                 dict(val_top1=top1, val_top5=top5, val_loss=val_loss).items()}
         log.record(step=(epoch + 1) * iters, type='lincls', epoch=epoch, train_loss=train_loss,
                    train_acc=train_acc, **vals,
-                   lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, milestones=args.schedule),
+                   lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, args.cos, milestones=args.schedule),
                    epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
         ckpt = dict(kind='lincls', fc=core.fc.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), epoch=epoch + 1, best=best, last=last, pretrained=str(pretrained),
@@ -568,7 +711,7 @@ def main(argv=None):
 
     # ============ sanity check and result ============
     try:
-        check_backbone_unchanged(core.backbone if multi else core, sd)
+        check_backbone_unchanged(core.backbone if multi or vit else core, sd)
     except RuntimeError as e:
         raise SystemExit(f'sanity check failed: {e}') from None
     log.print('sanity check passed: backbone weights and BN statistics unchanged')
@@ -605,7 +748,7 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
     end = time.perf_counter()
     for it, (images, target, _) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
-        lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, milestones=args.schedule)
+        lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, getattr(args, 'cos', False), milestones=args.schedule)
         optim.set_lr(optimizer, lr)
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
