@@ -465,7 +465,8 @@ def vit_config(sd, ckpt, num_heads=None, path=None):
     if num_heads:
         src = 'given (--num-heads)'
     elif args.get('num_heads'):
-        num_heads, src = int(args['num_heads']), "the checkpoint's args" if beside is None else 'checkpoint_last.pth beside it'
+        num_heads = int(args['num_heads'])
+        src = "the checkpoint's args" if beside is None else 'checkpoint_last.pth beside it'
     else:
         size = infer_vit_config(sd, num_heads=1)['arch']  # heads do not affect the size
         if method == 'mocov3' and size == 'vit_small':

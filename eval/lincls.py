@@ -133,8 +133,8 @@ def get_parser():
                         'ViT-Small, else the size\'s default')
     g = p.add_argument_group('data and speed')
     g.add_argument('--crop-size', type=int, default=None,
-                   help='crop size; None = 32 for a CIFAR-stem backbone, a ViT\'s own size, else 224. Below 64 the 32-px '
-                        'recipe is used (RandomCrop pad 4 + flip; val resize only)')
+                   help='crop size; None = 32 for a CIFAR-stem backbone, a ViT\'s own size, else 224. Below 64 the '
+                        '32-px recipe is used (RandomCrop pad 4 + flip; val resize only)')
     g.add_argument('-j', '--workers', type=int, default=8, help='data loading workers per process')
     g.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off', help='mixed precision')
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto: CUDA when visible')
@@ -195,7 +195,8 @@ def vit_protocol(argv, args, cfg):
     if args.avgpool_patchtokens is None:
         args.avgpool_patchtokens = base and args.n_last_blocks == 1
     if args.avgpool_patchtokens and args.n_last_blocks != 1:
-        raise SystemExit(f'--avgpool-patchtokens works with --n-last-blocks 1 only (as in DINO), not {args.n_last_blocks}')
+        raise SystemExit(f'--avgpool-patchtokens works with --n-last-blocks 1 only (as in DINO), '
+                         f'not {args.n_last_blocks}')
     if args.n_last_blocks > cfg['depth']:
         raise SystemExit(f'--n-last-blocks {args.n_last_blocks}: the ViT has {cfg["depth"]} blocks')
     return args
@@ -669,7 +670,8 @@ def main(argv=None):
         feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=len(train_set),
         val_images=len(val_set), epochs=args.epochs, lr=args.lr, effective_lr=lr, batch_size=args.batch_size,
         world_size=world, momentum=args.momentum, nesterov=args.nesterov, wd=args.wd, schedule=args.schedule,
-        gamma=0.1, lr_schedule='cosine to 0, per epoch' if args.cos else 'step, per epoch', crop_size=crop, train_aug=describe(train_tf),
+        gamma=0.1, lr_schedule='cosine to 0, per epoch' if args.cos else 'step, per epoch', crop_size=crop,
+        train_aug=describe(train_tf),
         val_aug=describe(val_tf), bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
         fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed)
     if multi:
@@ -714,7 +716,8 @@ def main(argv=None):
         check_backbone_unchanged(core.backbone if multi or vit else core, sd)
     except RuntimeError as e:
         raise SystemExit(f'sanity check failed: {e}') from None
-    log.print('sanity check passed: backbone weights and BN statistics unchanged')
+    log.print('sanity check passed: backbone weights unchanged' if vit else
+              'sanity check passed: backbone weights and BN statistics unchanged')
     if multi:
         result = dict(pretrained=str(pretrained), layers={h: dict(top1=last[h]['top1'], top5=last[h]['top5'])
                                                            for h in heads}, last=last, best=best)

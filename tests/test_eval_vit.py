@@ -180,6 +180,15 @@ def test_lincls_protocols_end_to_end(vit_files, data64, tmp_path):
     p = json.loads((tmp_path / 'm' / 'backbone.pth.lincls.json').read_text())['protocol']
     assert 'MoCo v3' in p['protocol'] and p['feat_dim'] == 48 and p['lr'] == 3.0 and p['heads_from'] == 'given (--num-heads)'
     assert (tmp_path / 'm' / 'lincls_log.jsonl').read_text().count('"type": "lincls"') == 1
+    # a ViT linear run resumes like a ResNet one (same flags, protocol and weights checked)
+    lincls.main(common[:2] + ['2'] + common[3:] + ['--pretrained', str(paths['backbone']), '--num-heads', str(HEADS),
+                                                  '--output-dir', str(tmp_path / 'm'), '--resume', 'auto'])
+    assert (tmp_path / 'm' / 'lincls_log.jsonl').read_text().count('"type": "lincls"') == 2
+    assert json.loads((tmp_path / 'm' / 'backbone.pth.lincls.json').read_text())['last']['epoch'] == 1
+    msg = refused(lincls.main, common + ['--pretrained', str(paths['backbone']), '--num-heads', str(HEADS),
+                                        '--protocol', 'dino', '--n-last-blocks', '1', '--output-dir', str(tmp_path / 'm'),
+                                        '--resume', 'auto', '--epochs', '3'])
+    assert '--protocol mocov3 -> dino' in msg
 
 
 def test_lincls_recipes_and_sanity_check(vit_files):
