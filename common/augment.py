@@ -163,3 +163,45 @@ def deepcluster(size=224, min_scale=0.08):
         T.ColorJitter(0.4, 0.4, 1.0, 0.5),
         T.RandomGrayscale(p=0.2),
         T.ToTensor(), normalize])
+
+
+# ---------------------------------------------------------------- multi-crop (DINO)
+
+class MultiCrop(MultiView):
+    """Multi-crop views of an image (Caron et al. 2020/2021): `n_global` large crops followed by
+    `n_local` small ones, each its own PIL pipeline, so views of different sizes come out as a list
+    (collated per view into one tensor each). A MultiView, so common/batch_aug.from_transform reads
+    it view by view.
+
+    Attributes: transforms (one Compose per view, globals first), n_views, n_global, n_local,
+    sizes (the RandomResizedCrop output size of every view) and scales (its scale range).
+    """
+
+    def __init__(self, global_transforms, local_transforms):
+        super().__init__(*global_transforms, *local_transforms)
+        self.n_global, self.n_local = len(global_transforms), len(local_transforms)
+        crops = [next(op for op in t.transforms if isinstance(op, T.RandomResizedCrop)) for t in self.transforms]
+        self.sizes = [c.size[0] for c in crops]
+        self.scales = [tuple(c.scale) for c in crops]
+
+
+def dino(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+         blur=True):
+    """DINO's multi-crop (arXiv:2104.14294; facebookresearch/dino main_dino.py DataAugmentationDINO,
+    methods-modern.md §16.5): every view is a bicubic RandomResizedCrop, then flip p=0.5,
+    ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; global view 1 blur p=1.0, global view 2
+    blur p=0.1 + solarize p=0.2, each of the `n_local` local views blur p=0.5; ImageNet Normalize.
+    Blur is PIL radius U(0.1, 2). blur=False drops the blur (32-px data, as the other recipes).
+    Returns a MultiCrop of 2 global views at global_size and n_local views at local_size."""
+    def view(size, scale, p_blur, p_sol=0.0):
+        ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+               T.RandomHorizontalFlip(p=0.5),
+               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+               T.RandomGrayscale(p=0.2)]
+        if blur:
+            ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=p_blur))
+        if p_sol:
+            ops.append(T.RandomApply([Solarize()], p=p_sol))
+        return T.Compose(ops + [T.ToTensor(), normalize])
+    return MultiCrop([view(global_size, global_scale, 1.0), view(global_size, global_scale, 0.1, 0.2)],
+                     [view(local_size, local_scale, 0.5) for _ in range(n_local)])
