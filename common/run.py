@@ -349,10 +349,12 @@ class Run:
             self._interrupt(signum, epoch + 1, 0, None, saved=True)
 
     def finish(self):
-        """backbone.pth (torchvision names, no fc), the final kNN line, and shutdown."""
+        """backbone.pth (a ResNet's torchvision names without fc, a ViT's timm names without head), the
+        final kNN line, and shutdown."""
         out = os.path.join(self.args.output_dir, 'backbone.pth')
         self._write(lambda: checkpoint.save_backbone(self.backbone, out))
-        self.log.print(f'backbone (torchvision names, no fc) saved to {out}')
+        names = 'timm names, no head' if hasattr(self.backbone, 'blocks') else 'torchvision names, no fc'
+        self.log.print(f'backbone ({names}) saved to {out}')
         if self.last:
             self.log.print(f'weighted kNN top-1 (k={self.args.knn_k}): trained {self.last["knn_top1"]:.2f}  '
                            f'random init {self.knn_random:.2f}')
