@@ -9,8 +9,10 @@ vision_transformer.py). Spec: methods-modern.md §16 (with §0a conventions, §0
   python dino.py                                     # demo: shipped CIFAR-10 sample, CPU (see DEMO)
   python dino.py /data/imagenet                      # ViT-S/16, the reference's defaults, 1 process
   torchrun --nproc_per_node=8 dino.py --amp fp16 /data/imagenet       # the README's vanilla run (512)
-  torchrun --nproc_per_node=16 dino.py --amp fp16 -b 1024 --epochs 300 --teacher-temp 0.07 \\
+  torchrun --nnodes=2 --nproc_per_node=8 ... dino.py --amp fp16 -b 1024 --epochs 300 --teacher-temp 0.07 \\
       --warmup-teacher-temp-epochs 30 --no-norm-last-layer /data/imagenet   # the README's boosted run
+  torchrun --nproc_per_node=8 dino.py --amp fp16 --arch resnet50 --optimizer sgd --lr 0.03 --wd 1e-4 \\
+      --wd-end 1e-4 --global-crops-scale 0.14 1 --local-crops-scale 0.05 0.14 /data/imagenet  # README R50
 
 The method, as facebookresearch/dino:
   * student and teacher = the same backbone (ViT of common/vit.py with DINO's init and learned position
@@ -38,6 +40,8 @@ Deviations (see README):
   * -b is the global batch (the reference takes a per-GPU batch); the default 512 is its 8-GPU run;
   * --optimizer offers adamw and sgd (the ResNet recipe); the reference's LARS is not offered;
   * blur is off below 64-px global crops (the CIFAR practice of the other recipes; --blur forces it);
+  * ResNets are common/resnet.py's (Kaiming fan_in init as every method here; the reference builds
+    torchvision's), with SyncBN under several CUDA processes as the reference;
   * the DINOHead's weight-normalised last layer is written out (weight_g, weight_v, as
     torch.nn.utils.weight_norm names them) instead of using the deprecated weight_norm hook.
 """

@@ -324,9 +324,10 @@ def test_resume_is_bitwise(data64, tmp_path):
     assert not torch.equal(a['model']['teacher.backbone.cls_token'], a['model']['student.backbone.cls_token'])
 
 
-def test_resnet_backbone_trains(data64, tmp_path):
-    dino.main([str(data64), '--arch', 'resnet10', '--width', '8', '--cifar-stem', *TINY[2:], '--epochs', '2',
-               '--max-steps', '1', '--optimizer', 'sgd', '--output-dir', str(tmp_path)])
+def test_resnet_backbone_trains_with_device_aug(data64, tmp_path):
+    """A ResNet student/teacher with SGD, the multi-crop batches made by --device-aug memory."""
+    dino.main([str(data64), '--arch', 'resnet10', '--width', '8', '--cifar-stem', *TINY[4:], '--epochs', '2',
+               '--max-steps', '1', '--optimizer', 'sgd', '--device-aug', 'memory', '--output-dir', str(tmp_path)])
     sd = torch.load(tmp_path / 'backbone.pth', weights_only=True)
     assert 'conv1.weight' in sd and not any(k.startswith('fc.') for k in sd)
 
