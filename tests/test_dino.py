@@ -345,3 +345,34 @@ def test_bad_input_one_line(data64, tmp_path, extra, message, capsys):
         return
     msg = refused(dino.main, [str(data64), *TINY, '--epochs', '2', *extra, '--output-dir', str(tmp_path)])
     assert message in msg
+
+
+def test_fp16_scaler_unscales_before_clipping():
+    """--amp fp16 order (`DN:main_dino.py:333-342`): scale, backward, unscale, clip the true gradients,
+    drop the last layer's, step. With a scale of 2^16 the clipped gradients still have norm <= 3."""
+    import types
+
+    class Meter:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class FakeRun:
+        def train_meter(self, *a):
+            return Meter()
+
+        def step_end(self, *a):
+            return False
+
+    torch.manual_seed(0)
+    m = tiny_dino()
+    opt = torch.optim.AdamW(dino.param_groups(m.student))
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 16)
+    args = types.SimpleNamespace(warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+                                 batch_size=4, arch='vit_tiny', clip_grad=1e-3, freeze_last_layer=1, amp='fp16')
+    sched = tuple(np.full(2, v) for v in (1e-3, 0.04, 0.99))
+    dino.train_one_epoch([(crops(), None, None)], m, m, opt, scaler, sched, 0, 0, 2, args, torch.device('cpu'),
+                         None, FakeRun())
+    norms = [p.grad.norm().item() for p in m.student.parameters() if p.grad is not None]
+    assert norms and max(norms) <= 1e-3 * (1 + 1e-4)  # clipped after unscaling (else ~2^-16 x 1e-3)
+    assert max(norms) > 1e-3 * 0.5  # and not a second time by the scale
+    assert m.student.head.last_layer.weight_v.grad is None
