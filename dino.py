@@ -87,14 +87,15 @@ def get_parser():
                    help='teacher temperature after the warm-up (paper / boosted run: 0.07; above is unstable)')
     g.add_argument('--warmup-teacher-temp-epochs', type=int, default=0,
                    help='epochs of the linear teacher-temperature warm-up (paper / boosted run: 30)')
-    g.add_argument('--student-temp', type=float, default=0.1)
-    g.add_argument('--center-momentum', type=float, default=0.9)
+    g.add_argument('--student-temp', type=float, default=0.1, help='student softmax temperature')
+    g.add_argument('--center-momentum', type=float, default=0.9, help='EMA rate of the centre')
     g.add_argument('--local-crops-number', type=int, default=8, help='local crops per image (0 = two crops)')
     g.add_argument('--global-crops-scale', type=float, nargs=2, default=(0.4, 1.0),
                    help='RandomResizedCrop scale of the global crops (0.14 1 without local crops)')
-    g.add_argument('--local-crops-scale', type=float, nargs=2, default=(0.05, 0.4))
+    g.add_argument('--local-crops-scale', type=float, nargs=2, default=(0.05, 0.4),
+                   help='RandomResizedCrop scale of the local crops')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=positive(int), default=100)
+    g.add_argument('--epochs', type=positive(int), default=100, help='training epochs (schedules span them)')
     g.add_argument('-b', '--batch-size', type=positive(int), default=512,
                    help='GLOBAL batch over all processes (each process takes batch/world)')
     g.add_argument('--optimizer', choices=['adamw', 'sgd'], default='adamw',
