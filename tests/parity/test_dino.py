@@ -18,7 +18,6 @@ gloo group is initialised; the reference's modules are built on the CPU (its mai
 and cast to float64; its `utils` and `vision_transformer` modules are imported under their own names
 and removed from sys.modules afterwards.
 """
-import copy
 import importlib
 import os
 import socket
@@ -179,7 +178,8 @@ def run_ref(ref, init, data, seed_offset=0, freeze=1):
 
 def snapshot(loss, student, teacher, center, opt):
     names = {id(p): n for n, p in student.named_parameters()}
-    return dict(loss=float(loss), grads={n: None if p.grad is None else p.grad.clone() for n, p in student.named_parameters()},
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in student.named_parameters()}
+    return dict(loss=float(loss), grads=grads,
                 student={n: p.detach().clone() for n, p in student.named_parameters()},
                 teacher={n: p.detach().clone() for n, p in teacher.named_parameters()}, center=center.clone(),
                 adam={names[id(p)]: (s['exp_avg'].clone(), s['exp_avg_sq'].clone()) for p, s in opt.state.items()})
@@ -234,7 +234,8 @@ def test_three_steps_match_reference(runs):
     n_params = sum(1 for _ in ours[0]['grads'])
     # steps 1-2: every student tensor but last_layer.weight_v (frozen g has none); step 3: all with grads
     assert counted == (n_params - 2) * 2 + (n_params - 1), (counted, n_params)
-    assert ours[0]['grads']['head.last_layer.weight_v'] is None and ours[2]['grads']['head.last_layer.weight_v'] is not None
+    v = 'head.last_layer.weight_v'
+    assert ours[0]['grads'][v] is None and ours[2]['grads'][v] is not None
     assert torch.equal(ours[1]['student']['head.last_layer.weight_v'], init['head.last_layer.weight_v'])
     assert not torch.equal(ours[2]['student']['head.last_layer.weight_v'], init['head.last_layer.weight_v'])
     assert ours[0]['center'].abs().sum() > 0 and len({round(s['loss'], 6) for s in ours}) == 3
