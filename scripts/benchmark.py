@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ['moco', 'simclr', 'byol', 'npid', 'deepcluster', 'odc', 'rotation', 'relative_loc']
+METHODS = ['moco', 'simclr', 'byol', 'npid', 'deepcluster', 'odc', 'rotation', 'relative_loc', 'mocov3', 'dino']
 
 
 def main(argv=None):
