@@ -97,7 +97,13 @@ def byol(size=224, view=1, blur=True):
     bicubic crop scale (0.08, 1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur
     p=1.0 (view 1) / 0.1 (view 2), solarize p=0 / 0.2. blur=False drops the blur (32-px data)."""
     p_blur, p_sol = (1.0, 0.0) if view == 1 else (0.1, 0.2)
-    ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    return byol_view(size, (0.08, 1.0), p_blur, p_sol, blur)
+
+
+def byol_view(size, scale, p_blur, p_sol=0.0, blur=True):
+    """The view BYOL and DINO share: bicubic crop at `scale`, flip, ColorJitter(0.4, 0.4, 0.2, 0.1)
+    p=0.8, grayscale 0.2, blur p_blur (if `blur`), solarize p_sol, ImageNet Normalize."""
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
@@ -193,15 +199,6 @@ def dino(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), loc
     blur p=0.1 + solarize p=0.2, each of the `n_local` local views blur p=0.5; ImageNet Normalize.
     Blur is PIL radius U(0.1, 2). blur=False drops the blur (32-px data, as the other recipes).
     Returns a MultiCrop of 2 global views at global_size and n_local views at local_size."""
-    def view(size, scale, p_blur, p_sol=0.0):
-        ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-               T.RandomHorizontalFlip(p=0.5),
-               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-               T.RandomGrayscale(p=0.2)]
-        if blur:
-            ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=p_blur))
-        if p_sol:
-            ops.append(T.RandomApply([Solarize()], p=p_sol))
-        return T.Compose(ops + [T.ToTensor(), normalize])
-    return MultiCrop([view(global_size, global_scale, 1.0), view(global_size, global_scale, 0.1, 0.2)],
-                     [view(local_size, local_scale, 0.5) for _ in range(n_local)])
+    return MultiCrop([byol_view(global_size, global_scale, 1.0, 0.0, blur),
+                      byol_view(global_size, global_scale, 0.1, 0.2, blur)],
+                     [byol_view(local_size, local_scale, 0.5, 0.0, blur) for _ in range(n_local)])
