@@ -17,6 +17,7 @@
 #   3. ResNet-50 224 px MoCo v2 img/s: synthetic uint8 input vs 500x375 JPEGs through each loader
 #   4. CIFAR-10 time to accuracy of $TTA (scripts/bench_cifar.py) with the epochs that fit the budget left
 #   5. what time remains: augmentation-only throughput (scripts/bench_augment.py)
+#   6. (only when PARTS names it) ViT-S/16 MoCo v3 batch 128 and DINO 2x224 + 10x96, bf16, img/s and memory
 # A whole 200-epoch run needs a call of its own, e.g. PARTS=4 TTA=simclr TTA_EPOCHS=200 ... 590.
 set -u
 OUT=${OUT:-output/device_check}
@@ -119,5 +120,12 @@ if [ "$(left)" -gt 60 ]; then
   timeout $(($(left) - 5)) $PY scripts/bench_augment.py "$C10" --device cuda --sizes 32 224 --workers 16 \
     --batch-size 256 --batches 8 | tee -a "$OUT/results.txt"
 fi
+fi
+if want 6; then
+part "6. ViT-S/16 224 px img/s and peak memory, bf16, synthetic input (issue 15)"
+bench "mocov3 vit_small batch 128" 150 mocov3 --steps 20 --warmup 5 -- synthetic:224 --arch vit_small -b 128 \
+  --amp bf16 --workers 8
+bench "dino vit_small 2x224 + 10x96 batch 64" 150 dino --steps 20 --warmup 5 -- synthetic:224 --arch vit_small \
+  -b 64 --amp bf16 --local-crops-number 10 --device-aug memory
 fi
 part "done"
