@@ -40,8 +40,10 @@ def main(argv=None):
         total = args.warmup + args.steps
         launcher = [sys.executable] if args.nproc == 1 else \
             [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)]
-        cmd = [*launcher, str(script), *margs, '--max-steps', str(total), '--print-freq', '1',
-               '--epochs', '100000', '--save-freq', '100000', '--output-dir', out]
+        # --epochs before the method's flags, so that they may set it (DINO's per-iteration schedules are
+        # arrays of epochs x iterations: a long nominal run on ImageNet-sized data does not fit in memory)
+        cmd = [*launcher, str(script), '--epochs', '100000', *margs, '--max-steps', str(total), '--print-freq', '1',
+               '--save-freq', '100000', '--output-dir', out]
         print(' '.join(cmd[1:]) if args.nproc == 1 else ' '.join(cmd), flush=True)
         r = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED='1'))
         if r.returncode:

@@ -126,6 +126,6 @@ part "6. ViT-S/16 224 px img/s and peak memory, bf16, synthetic input (issue 15)
 bench "mocov3 vit_small batch 128" 150 mocov3 --steps 20 --warmup 5 -- synthetic:224 --arch vit_small -b 128 \
   --amp bf16 --workers 8
 bench "dino vit_small 2x224 + 10x96 batch 64" 150 dino --steps 20 --warmup 5 -- synthetic:224 --arch vit_small \
-  -b 64 --amp bf16 --local-crops-number 10 --device-aug memory
+  -b 64 --amp bf16 --local-crops-number 10 --device-aug memory --epochs 20 --warmup-epochs 1
 fi
 part "done"
