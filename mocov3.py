@@ -194,40 +194,6 @@ class MoCoV3(nn.Module):
         return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)
 
 
-class LARS(torch.optim.Optimizer):
-    """FAIR LARS (methods-modern.md §0a; M3:moco/optimizer.py:10-43). For a parameter w with ndim > 1:
-        d = g + wd * w;  trust = eta * ||w|| / ||d|| (1 if either norm is 0);  d = trust * d
-    parameters with ndim <= 1 (BN, LayerNorm, biases) take d = g (no decay, no adaptation); then
-        mu = momentum * mu + d  (mu starts at 0);  w -= lr * mu   (the LR comes after the momentum).
-    """
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group['weight_decay'])
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    d = d.mul(torch.where((w_norm > 0) & (d_norm > 0), group['eta'] * w_norm / d_norm,
-                                          torch.ones_like(w_norm)))
-                state = self.state[p]
-                if 'mu' not in state:
-                    state['mu'] = torch.zeros_like(p)
-                state['mu'].mul_(group['momentum']).add_(d)
-                p.add_(state['mu'], alpha=-group['lr'])
-        return loss
-
-
 def augmentation(size=224, view=1, crop_min=0.08, blur=True):
     """MoCo v3's two views (§15.4; M3:main_moco.py:262-290), BYOL's recipe in MoCo v3's order:
     bilinear RandomResizedCrop scale (crop_min, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale
@@ -305,7 +271,7 @@ def main(argv=None):
               f'T {args.moco_t:g}')
     groups = optim.param_groups(core, args.param_group, log.print)  # frozen parameters left out
     if args.optimizer == 'lars':
-        optimizer = LARS(groups, lr, weight_decay=args.wd, momentum=args.momentum)
+        optimizer = optim.FairLARS(groups, lr, weight_decay=args.wd, momentum=args.momentum)
     else:  # every parameter decayed, norms and biases included (M3:main_moco.py:228-230)
         optimizer = torch.optim.AdamW(groups, lr, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')

@@ -176,6 +176,85 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_sub_(params, [self.state[p]['momentum_buffer'] for p in params])
 
 
+class FairLARS(torch.optim.Optimizer):
+    """FAIR LARS (methods-modern.md §0a: M3:moco/optimizer.py:10-43, BT:main.py:224-263). Per step, for
+    a parameter w with ndim > 1:
+        d = g + wd * w;  trust = eta * ||w|| / ||d|| (1 if either norm is 0);  d = trust * d
+    parameters with ndim <= 1 (BN, LayerNorm, biases) take d = g (no decay, no adaptation); then
+        mu = momentum * mu + d  (mu starts at 0);  w -= lr * mu   (the LR comes after the momentum,
+    unlike the OpenSelfSup LARS above, so a change of LR does not rescale the momentum already held).
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group['weight_decay'])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    d = d.mul(torch.where((w_norm > 0) & (d_norm > 0), group['eta'] * w_norm / d_norm,
+                                          torch.ones_like(w_norm)))
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                state['mu'].mul_(group['momentum']).add_(d)
+                p.add_(state['mu'], alpha=-group['lr'])
+        return loss
+
+
+class LARC(torch.optim.SGD):
+    """apex LARC with clip=False around torch SGD (methods-modern.md §0a: SwAV's pretraining
+    SW:main_swav.py:171-177, SimSiam's linear evaluation SS:main_lincls.py:231-232). Per parameter,
+    when ||w|| and ||g|| are both non-zero:
+        a = eta * ||w|| / (||g|| + wd * ||w|| + 1e-8);   g <- (g + wd * w) * a
+    (otherwise g is left as it is and gets no decay); then torch SGD with wd 0:
+        buf = momentum * buf + g (buf = g on the first step);  w -= lr * buf.
+    Every parameter is adapted and decayed, BN and biases included, as apex does. The gradients are
+    rewritten in place, as apex does (read them before step())."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, eps=1e-8):
+        super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay)
+        for group in self.param_groups:
+            group.setdefault('eta', eta)
+            group.setdefault('eps', eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        decays = []
+        for group in self.param_groups:
+            wd = group['weight_decay']
+            decays.append(wd)
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                a = group['eta'] * w_norm / (g_norm + wd * w_norm + group['eps'])
+                a = torch.where((w_norm > 0) & (g_norm > 0), a, torch.ones_like(a))
+                on = ((w_norm > 0) & (g_norm > 0)).to(p.dtype)
+                p.grad.add_(p * (wd * on)).mul_(a)
+            group['weight_decay'] = 0.0  # the decay is already in the gradient
+        try:
+            super().step()
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group['weight_decay'] = wd
+        return loss
+
+
 def add_optimizer_arg(g):
     g.add_argument('--optimizer', choices=['lars', 'sgd'], default='lars',
                    help='lars: the paper / OpenSelfSup recipe, BN and bias parameters excluded from weight '

@@ -174,6 +174,56 @@ def test_lars_two_steps_by_hand(foreach):
     assert torch.allclose(z.detach(), z1 - (0.9 * torch.tensor([2.0, -2.0]) + d), atol=1e-6)
 
 
+def test_larc_two_steps_by_hand():
+    """apex LARC (clip off) around SGD: a = eta |w| / (|g| + wd |w| + 1e-8), g <- (g + wd w) a, then
+    SGD with wd 0 (buf = m buf + g, w -= lr buf); a 1-D parameter is adapted too; a zero weight gets
+    neither adaptation nor decay; the group keeps its weight decay after the step."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))    # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    z = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = optim.LARC([w, b, z], lr=2.0, momentum=0.9, weight_decay=0.1, eta=0.001)
+    bufs = {}
+    expect = {}
+    for step in range(2):
+        w.grad = torch.tensor([0.6, 0.8], dtype=torch.float64)
+        b.grad = torch.tensor([0.5], dtype=torch.float64)
+        z.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        for name, p, g in (('w', w, [0.6, 0.8]), ('b', b, [0.5]), ('z', z, [1.0, -1.0])):
+            pv = expect.get(name, [float(v) for v in p.detach()])
+            wn, gn = math.sqrt(sum(v * v for v in pv)), math.sqrt(sum(v * v for v in g))
+            if wn > 0:
+                a = 0.001 * wn / (gn + 0.1 * wn + 1e-8)
+                d = [(gi + 0.1 * wi) * a for gi, wi in zip(g, pv)]
+            else:
+                d = list(g)
+            bufs[name] = d if step == 0 else [0.9 * bi + di for bi, di in zip(bufs[name], d)]
+            expect[name] = [wi - 2.0 * bi for wi, bi in zip(pv, bufs[name])]
+        opt.step()
+    # step 1 of w by hand: a = 0.005/1.5 (+1e-8), d = [0.9, 1.2] a ~ [0.003, 0.004], w1 ~ [2.994, 3.992]
+    a1 = 0.005 / (1.5 + 1e-8)
+    w1 = [3 - 2 * 0.9 * a1, 4 - 2 * 1.2 * a1]
+    a2 = 0.001 * math.hypot(*w1) / (1 + 0.1 * math.hypot(*w1) + 1e-8)
+    assert abs(bufs['w'][0] - (0.9 * 0.9 * a1 + (0.6 + 0.1 * w1[0]) * a2)) < 1e-15
+    for name, p in (('w', w), ('b', b), ('z', z)):
+        assert torch.allclose(p.detach(), torch.tensor(expect[name], dtype=torch.float64), rtol=0, atol=1e-14), name
+    assert z.detach().tolist() != [0.0, 0.0] and opt.param_groups[0]['weight_decay'] == 0.1
+
+
+def test_fair_lars_differs_from_oss_lars():
+    """FAIR LARS applies the LR after the momentum and adapts only ndim > 1 tensors: w -= lr * mu with
+    mu = m mu + trust (g + wd w), trust = eta |w| / |g + wd w|; a bias takes d = g."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = optim.FairLARS([w, b], lr=2.0, weight_decay=0.1, momentum=0.9, eta=0.001)
+    w.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    b.grad = torch.tensor([0.5], dtype=torch.float64)
+    opt.step()
+    d = torch.tensor([[0.9, 1.2]], dtype=torch.float64)   # g + wd w, |d| = 1.5
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]], dtype=torch.float64) - 2.0 * d * 0.005 / 1.5,
+                          rtol=0, atol=1e-15)
+    assert torch.allclose(b.detach(), torch.tensor([0.0], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
 def test_lars_foreach_equals_loop():
     """The multi-tensor LARS step (default on CUDA) and the per-tensor loop give the same weights and
     momentum buffers over several steps of a real network, excluded groups included (to float32

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import optim
 from common.vit import VisionTransformer
 from conftest import REPO, stop_and_resume, torchrun
-from mocov3 import LARS, MoCoV3, augmentation, build_model, contrastive_loss, lr_at, main, momentum_at, parse_args
+from mocov3 import MoCoV3, augmentation, build_model, contrastive_loss, lr_at, main, momentum_at, parse_args
 
 TINY_VIT = ['--arch', 'vit_tiny', '--crop-size', '8', '--moco-dim', '8', '--moco-mlp-dim', '32',
             '--workers', '0', '--print-freq', '1', '--seed', '0', '--batch-size', '16', '--warmup-epochs', '1']
@@ -63,7 +64,7 @@ def test_fair_lars_by_hand():
     trust = 1e-3 * 5 / |d|; a 1-D parameter takes its raw gradient. mu = 0.9 mu + d; w -= lr mu."""
     w = nn.Parameter(torch.tensor([[3., 4.]], dtype=torch.float64))
     b = nn.Parameter(torch.tensor([1., 2.], dtype=torch.float64))
-    opt = LARS([w, b], lr=0.5, weight_decay=0.2, momentum=0.9)
+    opt = optim.FairLARS([w, b], lr=0.5, weight_decay=0.2, momentum=0.9)
     w0 = w.detach().clone()
     w.grad, b.grad = torch.tensor([[0., 1.]], dtype=torch.float64), torch.tensor([1., -1.], dtype=torch.float64)
     opt.step()

@@ -32,7 +32,7 @@ import torch.nn as nn
 from common import optim
 from common.resnet import build_resnet
 from common.vit import VisionTransformer
-from mocov3 import LARS, MoCoV3, lr_at, momentum_at
+from mocov3 import MoCoV3, lr_at, momentum_at
 
 REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__moco-v3'
 if not os.environ.get('SSL_REFS') or not (REF / 'moco' / 'builder.py').is_file():
@@ -147,7 +147,7 @@ def compare(pair, optimizer, steps=3, our_t=None, skip_momentum=False):
     base_lr, wd = (0.6 * 4 / 256, 1e-6) if optimizer == 'lars' else (1.5e-4 * 4 / 256, 0.1)
     if optimizer == 'lars':
         ropt = O.LARS(ref.parameters(), base_lr, weight_decay=wd, momentum=0.9)
-        oopt = LARS([p for p in ours.parameters() if p.requires_grad], base_lr, weight_decay=wd, momentum=0.9)
+        oopt = optim.FairLARS([p for p in ours.parameters() if p.requires_grad], base_lr, weight_decay=wd, momentum=0.9)
     else:
         ropt = torch.optim.AdamW(ref.parameters(), base_lr, weight_decay=wd)
         oopt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], base_lr, weight_decay=wd)
