@@ -258,6 +258,91 @@ def aggregate_low_shot(map_skc, costs, ks):
 
 # ============ main ============
 
+def load_voc(path):
+    """(root, {'trainval': (ids, classes, labels), 'test': ...}) or one line naming the problem."""
+    try:
+        root = voc_root(path)
+        splits = {s: read_voc(root, s) for s in ('trainval', 'test')}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'voc: {e}') from None
+    if splits['test'][1] != splits['trainval'][1]:
+        raise SystemExit(f'voc: trainval classes {splits["trainval"][1]} differ from test classes {splits["test"][1]}')
+    return root, splits
+
+
+def load_features(src, splits, layers, log):
+    """Features written by an earlier --save-features run: ({split: {layer: NxD}}, their meta.json)."""
+    src = Path(src)
+    info = json.loads((src / 'meta.json').read_text())
+    feats = {s: {n: np.load(src / f'{s}_{n}.npy') for n in layers} for s in splits}
+    log.print(f'features of {info["pretrained"]} loaded from {src}')
+    return feats, info
+
+
+def compute_features(args, pretrained, root, splits, layers, device):
+    """The backbone's fixed multi-layer pooled features of both splits (every process takes its share)."""
+    try:
+        model, _, cfg, _ = load_eval_backbone(pretrained, weights_only=not args.unsafe_load)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise SystemExit(f'--pretrained {pretrained}: {e}') from None
+    crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
+    try:
+        pool = StagePool(layers, crop)
+    except ValueError as e:
+        raise SystemExit(f'--layers: {e}') from None
+    model = model.to(device).eval()
+    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
+               enabled=args.amp != 'off')
+    tf = augment.warp_transform(crop)
+    info = dict(pretrained=str(pretrained), arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
+                sobel=cfg['in_channels'] == 2, crop_size=crop, transform=' + '.join(map(repr, tf.transforms)),
+                pool='fixed multi-layer pooling (common/features.py)', amp=args.amp)
+    feats = {}
+    for s, (ids, _, labels) in splits.items():
+        ds = VOCImages(root, ids, labels, tf)
+        feats[s], _ = extract_all(stage_feature_fn(model, pool, amp), ds, args.batch_size, args.workers,
+                                  device, f'VOC07 {s} features')
+    return feats, info
+
+
+def save_features(dst, feats, splits, info, log):
+    dst.mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        for n in feats[s]:
+            np.save(dst / f'{s}_{n}.npy', feats[s][n])
+        np.save(dst / f'{s}_labels.npy', splits[s][2])
+    (dst / 'meta.json').write_text(json.dumps(info, indent=1) + '\n')
+    log.print(f'features written to {dst}')
+
+
+def full_svms(x_tr, lab_tr, x_te, lab_te, classes, costs, jobs, n, log):
+    """One SVM per class on all trainval images, cost by 3-fold cross-validation: the layer's result."""
+    t0 = time.perf_counter()
+    res = Parallel(n_jobs=jobs)(delayed(svm_one_class)(x_tr, train_targets(lab_tr[:, c]), x_te, lab_te[:, c], costs)
+                                for c in range(len(classes)))
+    aps = [100 * r['ap'] for r in res]
+    log.print(f'{n}: VOC07 SVM mAP {np.mean(aps):.2f}  (' + ', '.join(f'{c} {a:.1f}' for c, a in zip(classes, aps)) + ')')
+    return dict(mAP=float(np.mean(aps)), ap=dict(zip(classes, aps)), cost=dict(zip(classes, [r['cost'] for r in res])),
+                cv_ap={c: r['cv_ap'] for c, r in zip(classes, res)},
+                not_converged=sum(r['not_converged'] for r in res), seconds=time.perf_counter() - t0)
+
+
+def low_shot_svms(args, x_tr, lab_tr, x_te, lab_te, costs, jobs, n, log):
+    """SVMs on k positives per class, --samples draws per k: mean/min/max/std mAP per k."""
+    try:
+        tg = np.stack([np.stack([low_shot_targets(lab_tr, k, np.random.default_rng([args.seed, s, k]))
+                                 for k in args.k]) for s in range(args.samples)])  # S x K x N x C
+    except ValueError as e:
+        raise SystemExit(f'--low-shot: {e}') from None
+    ap = Parallel(n_jobs=jobs)(delayed(low_shot_one_class)(x_tr, tg[..., c], x_te, lab_te[:, c], costs)
+                               for c in range(lab_tr.shape[1]))
+    result = aggregate_low_shot(100 * np.mean(ap, axis=0), costs, args.k)  # mean over classes: S x K x costs
+    for k, r in result.items():
+        log.print(f'{n}: low-shot k={k:>3}  mAP mean {r["mean"]:.2f}  min {r["min"]:.2f}  max {r["max"]:.2f}'
+                  f'  std {r["std"]:.2f}  (cost {r["cost"]:g})')
+    return result
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world, device = dist.init_distributed(args.device)
@@ -266,53 +351,16 @@ def main(argv=None):
     out_dir = Path(args.output_dir) if args.output_dir else pretrained.parent
     result_path = out_dir / (pretrained.name + '.voc07_svm.json')
     layers = list(dict.fromkeys(args.layers))
-    try:
-        root = voc_root(args.voc)
-        splits = {s: read_voc(root, s) for s in ('trainval', 'test')}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'voc: {e}') from None
+    root, splits = load_voc(args.voc)
     classes = splits['trainval'][1]
-    if splits['test'][1] != classes:
-        raise SystemExit(f'voc: trainval classes {classes} differ from test classes {splits["test"][1]}')
 
     # ============ features (all processes), then SVMs on rank 0 ============
-    feats, info = {}, {}
     if args.load_features:
-        src = Path(args.load_features)
-        info = json.loads((src / 'meta.json').read_text())
-        for s in splits:
-            feats[s] = {n: np.load(src / f'{s}_{n}.npy') for n in layers}
-        log.print(f'features of {info["pretrained"]} loaded from {src}')
+        feats, info = load_features(args.load_features, splits, layers, log)
     else:
-        try:
-            model, _, cfg, _ = load_eval_backbone(pretrained, weights_only=not args.unsafe_load)
-        except (FileNotFoundError, RuntimeError, ValueError) as e:
-            raise SystemExit(f'--pretrained {pretrained}: {e}') from None
-        crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
-        try:
-            pool = StagePool(layers, crop)
-        except ValueError as e:
-            raise SystemExit(f'--layers: {e}') from None
-        model = model.to(device).eval()
-        amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
-                   enabled=args.amp != 'off')
-        tf = augment.warp_transform(crop)
-        info = dict(pretrained=str(pretrained), arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
-                    sobel=cfg['in_channels'] == 2, crop_size=crop, transform=' + '.join(map(repr, tf.transforms)),
-                    pool='fixed multi-layer pooling (common/features.py)', amp=args.amp)
-        for s, (ids, _, labels) in splits.items():
-            ds = VOCImages(root, ids, labels, tf)
-            feats[s], _ = extract_all(stage_feature_fn(model, pool, amp), ds, args.batch_size, args.workers,
-                                      device, f'VOC07 {s} features')
+        feats, info = compute_features(args, pretrained, root, splits, layers, device)
         if args.save_features and dist.is_main():
-            dst = out_dir / 'voc07_features'
-            dst.mkdir(parents=True, exist_ok=True)
-            for s in splits:
-                for n in layers:
-                    np.save(dst / f'{s}_{n}.npy', feats[s][n])
-                np.save(dst / f'{s}_labels.npy', splits[s][2])
-            (dst / 'meta.json').write_text(json.dumps(info, indent=1) + '\n')
-            log.print(f'features written to {dst}')
+            save_features(out_dir / 'voc07_features', feats, splits, info, log)
     main_process = dist.is_main()
     dist.cleanup()  # the SVMs run on rank 0 alone, for as long as they take
     if not main_process:
@@ -332,30 +380,9 @@ def main(argv=None):
         x_tr, x_te = normalize_rows(feats['trainval'][n]), normalize_rows(feats['test'][n])
         log.print(f'{n}: {x_tr.shape[1]}-d features, {len(classes)} classes x {len(costs)} costs')
         if args.full:
-            t0 = time.perf_counter()
-            res = Parallel(n_jobs=jobs)(delayed(svm_one_class)(x_tr, train_targets(lab_tr[:, c]), x_te, lab_te[:, c],
-                                                               costs) for c in range(len(classes)))
-            aps = [100 * r['ap'] for r in res]
-            result['full'][n] = dict(mAP=float(np.mean(aps)), ap=dict(zip(classes, aps)),
-                                     cost=dict(zip(classes, [r['cost'] for r in res])),
-                                     cv_ap={c: r['cv_ap'] for c, r in zip(classes, res)},
-                                     not_converged=sum(r['not_converged'] for r in res),
-                                     seconds=time.perf_counter() - t0)
-            log.print(f'{n}: VOC07 SVM mAP {np.mean(aps):.2f}  (' +
-                      ', '.join(f'{c} {a:.1f}' for c, a in zip(classes, aps)) + ')')
+            result['full'][n] = full_svms(x_tr, lab_tr, x_te, lab_te, classes, costs, jobs, n, log)
         if args.low_shot:
-            try:
-                tg = np.stack([np.stack([low_shot_targets(lab_tr, k, np.random.default_rng([args.seed, s, k]))
-                                         for k in args.k]) for s in range(args.samples)])  # S x K x N x C
-            except ValueError as e:
-                raise SystemExit(f'--low-shot: {e}') from None
-            ap = Parallel(n_jobs=jobs)(delayed(low_shot_one_class)(x_tr, tg[..., c], x_te, lab_te[:, c], costs)
-                                       for c in range(len(classes)))
-            map_skc = 100 * np.mean(ap, axis=0)  # mean over classes -> S x K x costs
-            result['low_shot'][n] = aggregate_low_shot(map_skc, costs, args.k)
-            for k, r in result['low_shot'][n].items():
-                log.print(f'{n}: low-shot k={k:>3}  mAP mean {r["mean"]:.2f}  min {r["min"]:.2f}  max {r["max"]:.2f}'
-                          f'  std {r["std"]:.2f}  (cost {r["cost"]:g})')
+            result['low_shot'][n] = low_shot_svms(args, x_tr, lab_tr, x_te, lab_te, costs, jobs, n, log)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1) + '\n')
     log.print(f'written to {result_path}')
