@@ -210,7 +210,7 @@ def main(argv=None):
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size * accum)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size * accum}/256')
-    optimizer = optim.lars_or_sgd(core, args, lr, log.print, ckpt=ckpt)
+    optimizer = optim.lars_or_sgd(core, args, lr, log.print)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'online.backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.online, core.predictor, core.target, loader)  # --compile

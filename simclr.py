@@ -211,7 +211,7 @@ def main(argv=None):
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256')
-    optimizer = optim.lars_or_sgd(core, args, lr, log.print, args.eta, ckpt)
+    optimizer = optim.lars_or_sgd(core, args, lr, log.print, args.eta)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core.backbone, core.head, loader)  # --compile

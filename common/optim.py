@@ -262,11 +262,9 @@ def add_optimizer_arg(g):
                         'lightly\'s CIFAR-10 benchmark')
 
 
-def lars_or_sgd(model, args, lr, log=print, eta=0.001, ckpt=None):
-    """The --optimizer of SimCLR and BYOL over `model`'s parameters (with --param-group rules)."""
-    if ckpt is not None and ckpt['args'].get('optimizer', 'lars') != args.optimizer:
-        raise SystemExit(f'the checkpoint was trained with --optimizer {ckpt["args"].get("optimizer", "lars")}; '
-                         f'resume with the same')
+def lars_or_sgd(model, args, lr, log=print, eta=0.001):
+    """The --optimizer of SimCLR and BYOL over `model`'s parameters (with --param-group rules). (A resume
+    with another --optimizer is refused before, by checkpoint.open_resume's flag comparison.)"""
     if args.optimizer == 'sgd':
         return torch.optim.SGD(param_groups(model, args.param_group, log), lr, momentum=args.momentum,
                                weight_decay=args.wd)
