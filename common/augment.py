@@ -202,3 +202,34 @@ def dino(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), loc
     return MultiCrop([byol_view(global_size, global_scale, 1.0, 0.0, blur),
                       byol_view(global_size, global_scale, 0.1, 0.2, blur)],
                      [byol_view(local_size, local_scale, 0.5, 0.0, blur) for _ in range(n_local)])
+
+
+# ---------------------------------------------------------------- multi-crop (SwAV)
+
+# SwAV's Normalize std: 0.228 for red, a typo for 0.229 kept by its pre-training and linear evaluation
+# (methods-modern.md §0a; SW:src/multicropdataset.py:38-39)
+SWAV_STD = (0.228, 0.224, 0.225)
+
+
+def swav_view(size, scale, blur=True):
+    """One SwAV crop (SW:src/multicropdataset.py:40-52, 64-94): bilinear RandomResizedCrop at `scale`,
+    flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale 0.2, PIL blur sigma U(0.1, 2) p=0.5 (if
+    `blur`), Normalize with SwAV's std."""
+    ops = [T.RandomResizedCrop(size, scale=scale),
+           T.RandomHorizontalFlip(p=0.5),
+           T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur:
+        ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, SWAV_STD)])
+
+
+def swav(size_crops=(224, 96), nmb_crops=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), blur=True):
+    """SwAV's multi-crop (arXiv:2006.09882; methods-modern.md §14.4; the 2x224 + 6x96 recipe of
+    SW:scripts/swav_800ep_pretrain.sh:28-31): nmb_crops[i] crops of size_crops[i] pixels at scale
+    (min_scale[i], max_scale[i]), every crop the same pipeline (swav_view, blur p=0.5 on all of them;
+    blur=False drops it for 32-px data). Returns a MultiCrop whose 'global' views are the first
+    resolution's and 'local' views the others'."""
+    groups = [[swav_view(s, (lo, hi), blur) for _ in range(n)]
+              for s, n, lo, hi in zip(size_crops, nmb_crops, min_scale, max_scale)]
+    return MultiCrop(groups[0], [t for g in groups[1:] for t in g])
