@@ -6,8 +6,9 @@ position embedding (learned, or MoCo v3's fixed 2-D sin-cos with rows first, `M3
 blocks `x + DropPath(Attn(LN(x)))`, `x + DropPath(MLP(LN(x)))` with LN eps 1e-6, exact GELU, MLP
 ratio 4, qkv bias, a final LN, and the normed [CLS] token as the representation. §0b.2 sizes
 (`vit_tiny/small/base/large`, any patch size; ViT-Small has DeiT/DINO's 6 heads, MoCo v3 builds it
-with `num_heads=12`). §0b.3 initialisation: `init='dino'` (`DN:vision_transformer.py:161-172`) or
-`init='moco'` (`M3:vits.py:31-51`). §0b.4 state-dict names: those of timm's VisionTransformer, so
+with `num_heads=12`). §0b.3 initialisation: `init='dino'` (`DN:vision_transformer.py:161-172`),
+`init='moco'` (`M3:vits.py:31-51`) or `init='mae'` (`MAE:models_mae.py:65-93`); MAE's own sin-cos
+table is `pos_embed='sincos_mae'`. §0b.4 state-dict names: those of timm's VisionTransformer, so
 `timm.models.vision_transformer.VisionTransformer(..., num_classes=0)` loads a backbone strictly;
 `to_torchvision` renames them for `torchvision.models.VisionTransformer`. §0b.5 small images:
 patch 4 at 32 px (8x8 patches + cls); `default_patch_size` picks 4 for inputs of 64 px or less.
@@ -31,8 +32,8 @@ ARCHS = {
     'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
     'vit_large': dict(embed_dim=1024, depth=24, num_heads=16),
 }
-INITS = ('dino', 'moco')
-POS_EMBEDS = ('learned', 'sincos')
+INITS = ('dino', 'moco', 'mae')
+POS_EMBEDS = ('learned', 'sincos', 'sincos_mae')  # sincos_mae: MAE's table, columns first (§0b.1)
 
 
 def default_patch_size(img_size):
@@ -41,11 +42,12 @@ def default_patch_size(img_size):
     return 4 if img_size <= 64 else 16
 
 
-def sincos_pos_embed(embed_dim, grid_size, temperature=10000., dtype=None):
+def sincos_pos_embed(embed_dim, grid_size, temperature=10000., dtype=None, cols_first=False):
     """MoCo v3's fixed table, 1 x (1+h*w) x D (`M3:vits.py:53-69`): a zero row for the cls token, then
     one row per patch in row-major order, [sin(r w), cos(r w), sin(c w), cos(c w)] for the patch at
     row r, column c, with w_k = temperature^(-k/F), k < F = D/4 (computed in the default dtype,
-    float32 as in M3, with M3's operations)."""
+    float32 as in M3, with M3's operations). cols_first: MAE's table (`MAE:util/pos_embed.py:20-67`,
+    numpy's "xy" meshgrid), [sin(c w), cos(c w), sin(r w), cos(r w)]."""
     if embed_dim % 4:
         raise ValueError(f'the 2-D sin-cos position embedding needs embed_dim divisible by 4, not {embed_dim}')
     h, w = grid_size
@@ -55,6 +57,8 @@ def sincos_pos_embed(embed_dim, grid_size, temperature=10000., dtype=None):
     rows, cols = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing='ij')
     a = rows.flatten()[:, None] * omega[None]  # (h*w) x F
     b = cols.flatten()[:, None] * omega[None]
+    if cols_first:
+        a, b = b, a
     table = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], 1)
     return torch.cat([torch.zeros(1, embed_dim, dtype=dtype), table])[None]
 
@@ -164,9 +168,10 @@ class VisionTransformer(nn.Module):
     """ViT with timm's state-dict names (§0b.4); forward(x) = head(normed cls token), head Identity
     unless num_classes > 0.
 
-    pos_embed: 'learned' (DINO) or 'sincos' (MoCo v3: fixed, requires_grad=False, still in the state
-    dict as timm's pos_embed). init: 'dino' or 'moco' (init_vit). drop_path_rate grows linearly from 0
-    at the first block to the rate at the last (`DN:vision_transformer.py:150`).
+    pos_embed: 'learned' (DINO), 'sincos' (MoCo v3: fixed, requires_grad=False, still in the state
+    dict as timm's pos_embed) or 'sincos_mae' (MAE's fixed table, columns first). init: 'dino',
+    'moco' or 'mae' (init_vit). drop_path_rate grows linearly from 0 at the first block to the rate
+    at the last (`DN:vision_transformer.py:150`).
     Inputs of another size than img_size are taken: the position table is resized to their grid.
     """
 
@@ -180,8 +185,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if pos_embed == 'sincos':
-            self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.patch_embed.grid_size), requires_grad=False)
+        if pos_embed in ('sincos', 'sincos_mae'):
+            table = sincos_pos_embed(embed_dim, self.patch_embed.grid_size, cols_first=pos_embed == 'sincos_mae')
+            self.pos_embed = nn.Parameter(table, requires_grad=False)
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -257,6 +263,10 @@ def init_vit(model, mode='dino'):
       bound sqrt(6/(D + D)) treats q, k and v as three DxD matrices, all Linear biases 0; cls token
       N(0, 1e-6); patch conv uniform +-sqrt(6/(3p^2 + D)) with zero bias; a learned pos_embed keeps
       timm's trunc-normal 0.02. LayerNorm 1/0.
+    'mae' (`MAE:models_mae.py:65-93`): every Linear Xavier-uniform (qkv as one 3DxD matrix), bias 0;
+      the patch conv weight Xavier-uniform on its D x 3p^2 view (a Linear's), its bias left at
+      PyTorch's default; cls token N(0, 0.02) (timm's trunc-normal at +-2 is untruncated there);
+      LayerNorm 1/0.
     A sin-cos pos_embed is never touched. MoCo v3's frozen patch projection (--stop-grad-conv1) is
     `model.patch_embed.proj.requires_grad_(False)`, left to the caller.
     """
@@ -271,7 +281,7 @@ def init_vit(model, mode='dino'):
         elif isinstance(m, nn.Linear):
             if mode == 'dino':
                 nn.init.trunc_normal_(m.weight, std=.02)
-            elif name.endswith('qkv'):
+            elif mode == 'moco' and name.endswith('qkv'):
                 bound = math.sqrt(6. / (m.weight.shape[0] // 3 + m.weight.shape[1]))
                 nn.init.uniform_(m.weight, -bound, bound)
             else:
@@ -280,6 +290,10 @@ def init_vit(model, mode='dino'):
                 nn.init.zeros_(m.bias)
     if mode == 'dino':
         nn.init.trunc_normal_(model.cls_token, std=.02)
+    elif mode == 'mae':
+        w = model.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(model.cls_token, std=.02)
     else:
         nn.init.normal_(model.cls_token, std=1e-6)
         conv = model.patch_embed.proj
@@ -321,7 +335,8 @@ def infer_vit_config(state_dict, num_heads=None):
     """Reads the ViT configuration off a backbone state dict with timm names, for build_vit(**cfg):
     arch (a name of ARCHS, or None for other sizes), embed_dim, depth, patch_size, img_size (square,
     from the position table), in_chans, mlp_ratio, qkv_bias, pos_embed ('sincos' when the table is
-    MoCo v3's sin-cos table, else 'learned'), num_classes (from head.weight) and num_heads.
+    MoCo v3's sin-cos table, 'sincos_mae' when it is MAE's, else 'learned'), num_classes (from
+    head.weight) and num_heads.
 
     num_heads changes no shape, so it cannot be read off the weights: pass it, or get the size's
     default (ARCHS; 6 for ViT-Small, which MoCo v3 builds with 12), or D/64 for other sizes.
@@ -339,6 +354,9 @@ def infer_vit_config(state_dict, num_heads=None):
     if dim % 4 == 0:
         table = sincos_pos_embed(dim, (side, side), dtype=torch.float64)
         kind = 'sincos' if torch.allclose(pos.cpu().double(), table, atol=1e-5) else 'learned'
+        mae = sincos_pos_embed(dim, (side, side), dtype=torch.float64, cols_first=True)
+        if kind == 'learned' and torch.allclose(pos.cpu().double(), mae, atol=1e-5):
+            kind = 'sincos_mae'
     arch = next((a for a, c in ARCHS.items() if (c['embed_dim'], c['depth']) == (dim, depth)), None)
     if num_heads is None:
         num_heads = ARCHS[arch]['num_heads'] if arch else dim // 64
