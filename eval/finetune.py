@@ -110,7 +110,8 @@ def get_parser():
     g.add_argument('--randaug-m', type=int, default=9, help='RandAugment magnitude, 0..10 (timm scale)')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     d = add_run_args(p, output_dir=None)
-    d.add_argument('--crop-size', type=int, default=None, help='None = the backbone\'s (32 CIFAR stem, a ViT\'s own, 224)')
+    d.add_argument('--crop-size', type=int, default=None,
+                   help='None = the backbone\'s (32 CIFAR stem, a ViT\'s own, 224)')
     d.add_argument('--eval-every', type=positive(int), default=1, help='val top-1 every N epochs (and at the end)')
     p.set_defaults(save_freq=20)
     return p

@@ -24,6 +24,10 @@ Output folders: one that holds a fine-tuning (semi_checkpoint.pth or semi_log.js
 any setting's folder) is refused at start unless --resume auto continues it or --overwrite deletes
 semi.py's own files there. A resumed run must be on the same pretrained weights (fingerprinted),
 labelled images and run-defining flags, as in eval/lincls.py.
+
+The epoch and the evaluation are eval/finetune.py's (common/finetune.py train_one_epoch and data
+loaders, eval.lincls.validate); this file adds the protocol: the labelled subset, SGD with the
+head's LR multiplier, the step schedule, plain cross-entropy without mixing, the grid.
 """
 import argparse
 import sys
@@ -34,11 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from common import augment, checkpoint, dist, optim  # noqa: E402
-from common.data import (EpochSampler, balanced_subset, build_dataset, has_split, loader_kwargs,  # noqa: E402
-                         read_split_file)
+from common import finetune as ft  # noqa: E402
+from common.data import balanced_subset, read_split_file  # noqa: E402
 from common.log import Logger, TrainMeter  # noqa: E402
 from common.run import positive  # noqa: E402
 from eval.lincls import (MAY_CHANGE as LINCLS_MAY_CHANGE, Outputs, add_dist_timeout, backbone_weights,  # noqa: E402
@@ -170,8 +173,8 @@ def report_grid(results, args, out):
     log.print(f'top-1 (top-5) after {args.epochs} epochs; rows: lr, columns: head LR multiplier')
     log.print(f'{"lr":>8} ' + ' '.join(f'{"x" + format(m, "g"):>16}' for m in args.grid_head_lr_mult))
     for lr in args.grid_lr:
-        cells = [f'{results[(lr, m)]["top1"]:6.2f} ({results[(lr, m)]["top5"]:6.2f})' + ('*' if (lr, m) == best else ' ')
-                 for m in args.grid_head_lr_mult]
+        cells = [f'{results[(lr, m)]["top1"]:6.2f} ({results[(lr, m)]["top5"]:6.2f})' +
+                 ('*' if (lr, m) == best else ' ') for m in args.grid_head_lr_mult]
         log.print(f'{lr:>8g} ' + ' '.join(f'{c:>16}' for c in cells))
     log.print(f'best: lr {best[0]:g}, head x{best[1]:g}: top-1 {results[best]["top1"]:.2f}')
     grid = [dict(lr=k[0], head_lr_mult=k[1], top1=r['top1'], top5=r['top5']) for k, r in results.items()]
@@ -181,8 +184,9 @@ def report_grid(results, args, out):
 
 def run(args, out, world, device, weights, ckpt_path):
     """One fine-tuning of `weights` (sd, cfg, fingerprint), continuing `ckpt_path` (None: a fresh
-    run); returns {'top1', 'top5'} (and writes out/semi.json on rank 0)."""
-    rank = dist.get_rank()
+    run); returns {'top1', 'top5'} (and writes out/semi.json on rank 0). The epoch and the
+    evaluation are eval/finetune.py's (common.finetune.train_one_epoch, eval.lincls.validate) with
+    this protocol's optimizer, schedule, plain cross-entropy and no mixing."""
     dist.seed_all(args.seed, args.deterministic)
     sd, cfg, fingerprint = weights
     state = checkpoint.load(ckpt_path) if ckpt_path else None  # checked by claim() on rank 0
@@ -190,35 +194,63 @@ def run(args, out, world, device, weights, ckpt_path):
     git = checkpoint.git_commit()
     log.print(f'git {git}  world size {world}  device {device}  output {out}')
     log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+    d = labelled_data(args, cfg, world, device, state, ckpt_path)
+    model, core, optimizer, scaler, lr = build_training(args, sd, cfg, len(d.train_all.classes), world, device,
+                                                        d.wd)
+    start_epoch = 0
+    if state:
+        core.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch = state['epoch']
+        log.print(f'resumed from {ckpt_path} after epoch {start_epoch - 1}')
+    protocol = describe_protocol(args, cfg, d, lr, world, device)
+    log.record(type='semi_protocol', **protocol)
+    log.print(f'{len(d.idx)} labelled images ({100 * d.frac:.2f}% of {len(d.train_all)}, {d.source}), '
+              f'{d.sampler.iters} iterations/epoch, effective LR {lr:g} (fc x{args.head_lr_mult:g}), wd {d.wd:g}')
 
-    # ============ data ============
-    if args.batch_size % world:
-        raise SystemExit(f'--batch-size {args.batch_size} must be divisible by the number of processes ({world})')
+    # ============ fine-tuning ============
+    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
+               enabled=args.amp != 'off')
+    iters = d.sampler.iters
+    for epoch in range(start_epoch, args.epochs):
+        d.sampler.set_epoch(epoch)
+        meter = TrainMeter(log, epoch, iters, args.batch_size, device, args.print_freq)
+        ft.train_one_epoch(model, d.loader, optimizer, scaler,
+                           lambda it: optim.lr_at(lr, epoch, it, iters, args.epochs, milestones=args.schedule,
+                                                  gamma=args.gamma), meter, device, amp)
+        ckpt = dict(kind='semi', model=core.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), epoch=epoch + 1, pretrained=str(Path(args.pretrained).resolve()),
+                    pretrained_fingerprint=fingerprint, data=d.data, args=vars(args), git=git)
+        save_or_stop(lambda: checkpoint.save_atomic(ckpt, out / CKPT_NAME), kept(epoch))
+    return evaluate(args, out, core, d.val_loader, device, amp, protocol, git, log)
+
+
+def labelled_data(args, cfg, world, device, state, ckpt_path):
+    """The labelled training subset and the val set, their loaders (common.finetune, as
+    eval/finetune.py) and the weight decay of the labelled fraction, as a namespace."""
+    rank = dist.get_rank()
     crop = args.crop_size or (32 if cfg['cifar_stem'] else 224)
     train_tf, val_tf = train_transform(crop), augment.eval_transform(crop)
-    if not has_split(args.data, 'val'):
-        raise SystemExit(f'data: {args.data} needs train/<class>/ and val/<class>/ folders (ImageNet layout)')
+    train_all, val_set = ft.open_data(args.data, train_tf, val_tf, args.seed)
     try:
-        train_all = build_dataset(args.data, train_tf, 'train', seed=args.seed)
-        val_set = build_dataset(args.data, val_tf, 'val')
         idx, source = labelled_indices(args, train_all, Path(args.data) / 'train')
-        train_set = KeyedSubset(train_all, idx)
-        sampler = EpochSampler(len(train_set), args.batch_size, rank, world, args.seed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'data: {e}') from None
-    if not train_all.classes or train_all.classes != val_set.classes:
-        raise SystemExit('data: train and val must have the same class folders')
-    data = check_data(state, train_set, ckpt_path)
+    train_set = KeyedSubset(train_all, idx)
+    sampler, loader = ft.train_loader(train_set, args.batch_size, rank, world, args.seed, args.workers, device)
     frac = len(idx) / len(train_all)
-    wd = args.wd if args.wd is not None else default_wd(frac)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
-                                         drop_last=True, **loader_kwargs(args.workers, device))
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
-                                             batch_size=args.batch_size // world, shuffle=False,
-                                             **loader_kwargs(args.workers, device))
+    return argparse.Namespace(
+        crop=crop, train_tf=train_tf, val_tf=val_tf, train_all=train_all, val_set=val_set, idx=idx, source=source,
+        frac=frac, sampler=sampler, loader=loader, data=check_data(state, train_set, ckpt_path),
+        wd=args.wd if args.wd is not None else default_wd(frac),
+        val_loader=ft.val_loader(val_set, args.batch_size // world, rank, world, args.workers, device))
 
-    # ============ model, optimizer, resume ============
-    model = build_linear_model(sd, cfg, len(train_all.classes))  # backbone loaded, fc fresh
+
+def build_training(args, sd, cfg, num_classes, world, device, wd):
+    """(model to train, bare model, SGD, GradScaler, effective LR): the pre-trained ResNet with a new
+    fc N(0, 0.01)/0, SyncBN under torchrun on GPUs, the fc at --head-lr-mult x the LR."""
+    model = build_linear_model(sd, cfg, num_classes)  # backbone loaded, fc fresh
     nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(model.fc.bias)
     if world > 1 and device.type == 'cuda':
@@ -233,55 +265,24 @@ def run(args, out, world, device, weights, ckpt_path):
     optimizer = torch.optim.SGD([dict(params=body, lr_mult=1.0), dict(params=head, lr_mult=args.head_lr_mult)],
                                 lr, momentum=args.momentum, weight_decay=wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch = 0
-    if state:
-        core.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler'])
-        start_epoch = state['epoch']
-        log.print(f'resumed from {ckpt_path} after epoch {start_epoch - 1}')
+    return model, core, optimizer, scaler, lr
 
-    protocol = dict(protocol='semi-supervised fine-tuning (OSS semi_classification)', pretrained=str(args.pretrained),
-                    arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'], sobel=cfg['in_channels'] == 2,
-                    labelled=source, labelled_images=len(idx), train_images=len(train_all), fraction=frac,
-                    val_images=len(val_set), num_classes=len(train_all.classes), epochs=args.epochs, lr=args.lr,
-                    effective_lr=lr, head_lr_mult=args.head_lr_mult, batch_size=args.batch_size, momentum=args.momentum,
-                    wd=wd, schedule=args.schedule, gamma=args.gamma, crop_size=crop, train_aug=describe(train_tf),
-                    val_aug=describe(val_tf), bn='train mode' + (', SyncBN' if world > 1 and device.type == 'cuda' else ''),
-                    fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed, world_size=world)
-    log.record(type='semi_protocol', **protocol)
-    log.print(f'{len(idx)} labelled images ({100 * frac:.2f}% of {len(train_all)}, {source}), {sampler.iters} '
-              f'iterations/epoch, effective LR {lr:g} (fc x{args.head_lr_mult:g}), wd {wd:g}')
 
-    # ============ fine-tuning ============
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16,
-               enabled=args.amp != 'off')
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        meter = TrainMeter(log, epoch, sampler.iters, args.batch_size, device, args.print_freq)
-        for it, (images, target, _) in enumerate(loader):
-            meter.data_ready()
-            step_lr = optim.lr_at(lr, epoch, it, sampler.iters, args.epochs, milestones=args.schedule, gamma=args.gamma)
-            optim.set_lr(optimizer, step_lr)
-            images = images.to(device, non_blocking=True, memory_format=fmt)
-            target = target.to(device, non_blocking=True)
-            with torch.autocast(**amp):
-                output = model(images)  # NxC
-            loss = F.cross_entropy(output.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            meter.step(it, step_lr, loss=loss, acc=(output.argmax(1) == target).float().mean() * 100)
-        meter.epoch_end()
-        ckpt = dict(kind='semi', model=core.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), epoch=epoch + 1, pretrained=str(Path(args.pretrained).resolve()),
-                    pretrained_fingerprint=fingerprint, data=data, args=vars(args), git=git)
-        save_or_stop(lambda: checkpoint.save_atomic(ckpt, out / CKPT_NAME), kept(epoch))
+def describe_protocol(args, cfg, d, lr, world, device):
+    """What semi.json and the log record about the run."""
+    return dict(protocol='semi-supervised fine-tuning (OSS semi_classification)', pretrained=str(args.pretrained),
+                arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'], sobel=cfg['in_channels'] == 2,
+                labelled=d.source, labelled_images=len(d.idx), train_images=len(d.train_all), fraction=d.frac,
+                val_images=len(d.val_set), num_classes=len(d.train_all.classes), epochs=args.epochs, lr=args.lr,
+                effective_lr=lr, head_lr_mult=args.head_lr_mult, batch_size=args.batch_size, momentum=args.momentum,
+                wd=d.wd, schedule=args.schedule, gamma=args.gamma, crop_size=d.crop, train_aug=describe(d.train_tf),
+                val_aug=describe(d.val_tf),
+                bn='train mode' + (', SyncBN' if world > 1 and device.type == 'cuda' else ''),
+                fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed, world_size=world)
 
-    # ============ evaluation ============
+
+def evaluate(args, out, core, val_loader, device, amp, protocol, git, log):
+    """Top-1/top-5 on the full val split after the last epoch; out/semi.json on rank 0."""
     t0 = time.perf_counter()
     top1, top5, val_loss = (v[0] for v in validate(val_loader, core, device, amp))
     log.print(f'semi-supervised (lr {args.lr:g}, head x{args.head_lr_mult:g}): top-1 {top1:.2f}  '
