@@ -121,7 +121,17 @@ def parse_args(argv=None):
     pre, _ = p.parse_known_args(argv)
     if pre.data is None:  # demo defaults, still overridable by explicit flags
         p.set_defaults(**DEMO)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.patch_size = args.patch_size or (4 if args.crop_size <= 64 else 16)  # common/vit.default_patch_size
+    patches = (args.crop_size // args.patch_size) ** 2
+    if args.crop_size % args.patch_size:
+        raise SystemExit(f'--crop-size {args.crop_size} is not a multiple of --patch-size {args.patch_size}')
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise SystemExit(f'--decoder-dim {args.decoder_dim} must be divisible by 4 (the sin-cos table) and by '
+                         f'--decoder-heads {args.decoder_heads}')
+    if int(patches * (1 - args.mask_ratio)) == 0:
+        raise SystemExit(f'--mask-ratio {args.mask_ratio} leaves no visible patch of {patches}')
+    return args
 
 
 # ============ model and loss ============
@@ -265,16 +275,8 @@ def augmentation(size=224, crop_min=0.2):
 
 
 def build_model(args):
-    """MAE of the flags, with one-line errors for sizes that do not fit."""
-    patch = args.patch_size or (4 if args.crop_size <= 64 else 16)
-    if args.crop_size % patch:
-        raise SystemExit(f'--crop-size {args.crop_size} is not a multiple of --patch-size {patch}')
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise SystemExit(f'--decoder-dim {args.decoder_dim} must be divisible by 4 (the sin-cos table) and by '
-                         f'--decoder-heads {args.decoder_heads}')
-    if int((args.crop_size // patch) ** 2 * (1 - args.mask_ratio)) == 0:
-        raise SystemExit(f'--mask-ratio {args.mask_ratio} leaves no visible patch of {(args.crop_size // patch) ** 2}')
-    encoder = build_vit(args.arch, patch, img_size=args.crop_size, init='mae', pos_embed='sincos_mae')
+    """MAE of the flags (parse_args checked that the sizes fit): the --arch ViT with MAE's init and table."""
+    encoder = build_vit(args.arch, args.patch_size, img_size=args.crop_size, init='mae', pos_embed='sincos_mae')
     return MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss)
 
 
