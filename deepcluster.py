@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, cluster, dist, optim
-from common.data import SAMPLE_DATA, EpochSampler, build_dataset, train_loader
+from common.data import SAMPLE_DATA, EpochSampler, same_images, train_loader
 from common.features import iter_features
 from common.log import peak_memory_mb, start_run
 from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
@@ -179,7 +179,7 @@ def main(argv=None):
         args.workers, device, args.device_aug,
         functools.partial(UniformClusterSampler, k=args.num_clusters, quota=args.quota),
         prefetch=args.aug_prefetch)
-    feat_set = build_dataset(args.data, augment.eval_transform(args.crop_size), 'train')  # same order
+    feat_set = same_images(train_set, augment.eval_transform(args.crop_size), args.data)  # same order
     n, k = len(train_set), args.num_clusters
     if n < k:
         raise SystemExit(f'--num-clusters {k} is more than the {n} training images; use fewer clusters '

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, cluster, dist, optim
-from common.data import SAMPLE_DATA, EpochSampler, build_dataset, train_loader
+from common.data import SAMPLE_DATA, EpochSampler, same_images, train_loader
 from common.knn import extract_features
 from common.log import start_run
 from common.run import Run, add_backbone_args, add_run_args, autocast, compile_modules, memory_format, positive
@@ -295,7 +295,7 @@ def main(argv=None):
     compile_modules(args, core.backbone, loader)  # --compile
     del ckpt
     if not run.resumed:
-        init_clusters(core, args, device, log)
+        init_clusters(core, train_set, args, device, log)
 
     # ============ training loop ============
     for epoch in range(run.start_epoch, args.epochs):
@@ -311,11 +311,11 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def init_clusters(core, args, device, log):
+def init_clusters(core, train_set, args, device, log):
     """Initial clustering (OSS DeepClusterHook with initial=True): eval-mode neck features of the whole
     training set (eval transform), L2-normalised, k-means on rank 0 (no PCA), labels broadcast."""
     core.eval()
-    data = build_dataset(args.data, augment.eval_transform(args.crop_size), 'train')
+    data = same_images(train_set, augment.eval_transform(args.crop_size), args.data)  # same order
     feats, _ = extract_features(core.features, data, workers=args.workers, device=device, desc='ODC init features')
     core.train()
     labels = torch.zeros(len(feats), dtype=torch.long)

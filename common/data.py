@@ -165,6 +165,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def with_transform(self, transform):
+        """The same images in the same order under another transform (no second scan of the folder)."""
+        return ImageDataset(self.samples, self.classes, transform, self.seed)
+
     def load(self, index):
         path = self.samples[index][0]
         try:
@@ -216,6 +220,14 @@ def build_dataset(path, transform=None, split='train', seed=0):
         return SyntheticDataset(size=size, n_views=getattr(transform, 'n_views', 1))
     samples, classes = scan(path, split)
     return ImageDataset(samples, classes, transform, seed)
+
+
+def same_images(dataset, transform, data):
+    """`dataset`'s images in the same order under `transform`, without scanning `data` again (an
+    ImageDataset); other datasets (synthetic) are built anew from `data`'s train split."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.with_transform(transform)
+    return build_dataset(data, transform, 'train')
 
 
 def has_split(path, split):

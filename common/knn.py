@@ -78,14 +78,16 @@ class KnnMonitor:
     eval transform) is the bank, the val split the queries. `monitor(encoder)` evaluates
     encoder.pooled (fc skipped) in eval mode and restores the encoder's mode. Collective."""
 
-    def __init__(self, data, crop_size, k=200, workers=4, device=torch.device('cpu'), t=0.07):
+    def __init__(self, data, crop_size, k=200, workers=4, device=torch.device('cpu'), t=0.07, train_set=None):
+        """train_set: the run's training ImageDataset, whose images (already scanned) become the bank."""
         from common.augment import eval_transform
-        from common.data import build_dataset, has_split
+        from common.data import build_dataset, has_split, same_images
         if not has_split(data, 'val'):
             raise SystemExit(f'--knn-every needs {data}/val/<class>/ images; drop --knn-every')
         tf = eval_transform(crop_size)
         try:
-            self.train_set, self.val_set = build_dataset(data, tf, 'train'), build_dataset(data, tf, 'val')
+            self.train_set = same_images(train_set, tf, data)
+            self.val_set = build_dataset(data, tf, 'val')
         except (FileNotFoundError, ValueError) as e:  # e.g. a 0-byte val image (the stat pass of scan)
             raise SystemExit(f'--knn-every: {e}') from None
         self.k, self.t, self.workers, self.device = k, t, workers, device

@@ -250,7 +250,7 @@ class Run:
         self.knn = None
         if args.knn_every:
             self.knn = KnnMonitor(args.data, knn_size or args.crop_size, args.knn_k, args.workers, device,
-                                  args.knn_t)
+                                  args.knn_t, train_set=dataset)
             if self.knn_random is None:  # the same network at initialisation, once per run
                 self.knn_random = self.knn(copy.deepcopy(self.backbone))
                 log.print(f'kNN top-1 of the randomly initialised backbone: {self.knn_random:.2f}')

@@ -244,3 +244,19 @@ def test_lars_foreach_equals_loop():
         assert torch.allclose(opts[0].state[a]['momentum_buffer'], opts[1].state[b]['momentum_buffer'],
                               rtol=1e-5, atol=1e-8), name
     assert any(len(g['params']) and g['lars_exclude'] for g in opts[0].param_groups)
+
+
+def test_knn_bank_and_cluster_features_reuse_the_training_scan():
+    """The kNN monitor's bank and DeepCluster/ODC's feature set take the training set's scanned
+    images (same list, same order, another transform) instead of a second stat pass over the folder;
+    a synthetic training set falls back to building the train split."""
+    from common.data import build_dataset, same_images
+    from common.knn import KnnMonitor
+    train = build_dataset(SAMPLE, augment.moco_v2(32, blur=False))
+    mon = KnnMonitor(SAMPLE, 32, k=5, workers=0, train_set=train)
+    assert mon.train_set.samples is train.samples and mon.train_set.transform is not train.transform
+    assert mon.train_set[3][0].shape == (3, 32, 32) and mon.train_set[3][1] == train.targets[3]
+    eval_set = same_images(train, augment.eval_transform(32), SAMPLE)
+    assert eval_set.samples is train.samples
+    fresh = same_images(build_dataset('synthetic:32'), augment.eval_transform(32), SAMPLE)
+    assert fresh.samples == train.samples and fresh.samples is not train.samples
