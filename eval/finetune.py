@@ -64,7 +64,7 @@ from common import augment, checkpoint, dist  # noqa: E402
 from common import finetune as ft  # noqa: E402
 from common.features import describe_backbone, vit_eval_transform  # noqa: E402
 from common.log import start_run  # noqa: E402
-from common.run import Run, add_run_args, positive  # noqa: E402
+from common.run import Run, add_run_args, compile_modules, positive  # noqa: E402
 from eval.lincls import (backbone_weights, describe, save_or_stop, validate, weights_fingerprint,  # noqa: E402
                          write_json)
 
@@ -203,6 +203,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     torch.manual_seed(args.seed + rank)  # own mixing and drop path per process (MAE:main_finetune.py:175-177)
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
+    compile_modules(args, core)  # --compile
     del ckpt
     history = run.ckpt_extra.get('history', [])
     run.extra = dict(pretrained_fingerprint=fingerprint, history=history)

@@ -144,7 +144,7 @@ def main(argv=None):
     sd, cfg = backbone_weights(pretrained, weights_only=not args.unsafe_load)  # before any file is written
     if cfg.get('vit'):
         raise SystemExit(f'--pretrained {pretrained} holds a ViT backbone; eval/semi.py fine-tunes ResNets only '
-                         f'(evaluate the ViT with eval/lincls.py or eval/knn.py)')
+                         f'(fine-tune it with eval/finetune.py; eval/lincls.py and eval/knn.py evaluate it frozen)')
     weights = (sd, cfg, weights_fingerprint(sd))
     cells = [(args, out)] if not args.grid else [
         (argparse.Namespace(**{**vars(args), 'lr': lr, 'head_lr_mult': mult}), out / f'lr{lr:g}_head{mult:g}')

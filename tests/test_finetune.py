@@ -102,7 +102,8 @@ def test_groups_equal_maes_param_groups_lrd():
     flat.fc_norm, flat.head = ours.fc_norm, ours.head
     theirs = mae.param_groups_lrd(flat, 0.05, ['pos_embed', 'cls_token', 'dist_token'], 0.65)
     mine = ft.param_groups(ours, 0.05, 0.65)
-    key = lambda groups, s: sorted((tuple(sorted(map(id, g['params']))), g[s], g['weight_decay']) for g in groups)  # noqa: E731
+    def key(groups, scale):
+        return sorted((tuple(sorted(map(id, g['params']))), g[scale], g['weight_decay']) for g in groups)
     assert key(theirs, 'lr_scale') == key(mine, 'lr_mult') and len(mine) == 10
 
 
@@ -251,7 +252,7 @@ def test_bad_input_is_refused_in_one_line(data64, backbones, tmp_path):
         '--mixup-switch-prob 2.0: out of range (see --help)'
     assert refused(finetune.main, [str(data64 / 'train'), '--pretrained', str(r), *FAST, *out]).startswith(
         f'data: {data64 / "train"} needs train/<class>/ and val/<class>/ folders')
-    assert refused(finetune.main, [str(data64), '--pretrained', str(v), *FAST, '--num-heads', '2', '-b', '100', *out]).startswith(
-        'data: dataset has 64 images, fewer than one global batch (100)')
+    assert refused(finetune.main, [str(data64), '--pretrained', str(v), *FAST, '--num-heads', '2', '-b', '100',
+                                   *out]).startswith('data: dataset has 64 images, fewer than one global batch (100)')
     assert 'embed_dim' in refused(finetune.main, [str(data64), '--pretrained', str(v), *FAST, *out])  # 32 / 64 heads
     assert not (tmp_path / 'x' / 'checkpoint_last.pth').exists()
