@@ -38,6 +38,11 @@ The recipe's values are the defaults; explicit flags still win. At 32 px the CIF
 below replaces RandomResizedCrop. The number of heads is not in the weights: --num-heads, else the
 checkpoint's args, else 12 for a MoCo v3 ViT-Small, else the size's default (6 for ViT-Small).
 
+ResNet backbones may take SimSiam's LARS protocol instead, --protocol simsiam (methods-modern.md §12.5,
+`SS:main_lincls.py`): the same frozen ResNet in eval mode and fc N(0, 0.01)/0, trained by SGD momentum
+0.9, wd 0, lr 0.1 per 256 (1.6 at batch 4096) wrapped in apex LARC (trust 0.001, clip off:
+common.optim.LARC), 90 epochs, per-epoch cosine to 0; explicit flags still win.
+
 Deviations from main_lincls.py:
   * --lr is per 256 images and scaled linearly with the global batch (the same at batch 256);
   * 32-px data (CIFAR-stem backbone or --crop-size < 64): RandomCrop(pad 4)+flip, val resize only;
@@ -89,6 +94,8 @@ VIT_RECIPES = {
     'mocov3': dict(epochs=90, lr=3.0, batch_size=1024, schedule=[], cos=True, wd=0.0),   # M3:CONFIG.md:141-149
     'dino': dict(epochs=100, lr=0.001, batch_size=1024, schedule=[], cos=True, wd=0.0),  # DN:eval_linear.py
 }
+# defaults of SimSiam's LARS protocol for ResNets (--protocol simsiam), SS:main_lincls.py:44-57 and its README
+RESNET_RECIPES = {'simsiam': dict(epochs=90, lr=0.1, batch_size=4096, schedule=[], cos=True, wd=0.0)}
 
 # ============ arguments ============
 
@@ -119,11 +126,12 @@ def get_parser():
                         '(aliases stem, layer1..layer4) and/or avgpool; sets the defaults to ' +
                         ', '.join(f'{k}={v}' for k, v in MULTIHEAD.items()))
     g = p.add_argument_group('ViT backbones (methods-modern.md §15.6, §16.7)')
-    g.add_argument('--protocol', choices=['mocov3', 'dino'], default=None,
+    g.add_argument('--protocol', choices=['mocov3', 'dino', 'simsiam'], default=None,
                    help='ViT protocol and its defaults: mocov3 (normed cls token; ' +
                         ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['mocov3'].items()) + ') or dino (last blocks\' '
                         'cls tokens; ' + ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['dino'].items()) + '); '
-                        'None = the method the checkpoint names, else mocov3')
+                        'None = the method the checkpoint names, else mocov3. ResNet: simsiam (LARC around SGD; ' +
+                        ', '.join(f'{k}={v}' for k, v in RESNET_RECIPES['simsiam'].items()) + '); None = MoCo\'s')
     g.add_argument('--n-last-blocks', type=positive(int), default=None,
                    help='dino: concatenate the normed cls tokens of the last n blocks; None = 1 for ViT-Base, else 4')
     g.add_argument('--avgpool-patchtokens', action=argparse.BooleanOptionalAction, default=None,
@@ -180,6 +188,8 @@ def vit_protocol(argv, args, cfg):
         raise SystemExit(f'--layers {" ".join(args.layers)}: the multi-head protocol takes ResNet stages; a ViT offers '
                          f'--protocol mocov3 (normed cls token) or --protocol dino (--n-last-blocks N cls tokens, '
                          f'--avgpool-patchtokens)')
+    if args.protocol == 'simsiam':
+        raise SystemExit('--protocol simsiam is SimSiam\'s ResNet protocol; a ViT takes --protocol mocov3 or dino')
     protocol = args.protocol or cfg['method'] or 'mocov3'
     args = parse_args(argv, VIT_RECIPES[protocol])
     args.protocol = protocol
@@ -200,6 +210,34 @@ def vit_protocol(argv, args, cfg):
     if args.n_last_blocks > cfg['depth']:
         raise SystemExit(f'--n-last-blocks {args.n_last_blocks}: the ViT has {cfg["depth"]} blocks')
     return args
+
+
+def resnet_protocol(argv, args, pretrained):
+    """For a ResNet backbone: ViT-only flags refused in one line; --protocol simsiam re-reads the flags
+    with its defaults (RESNET_RECIPES) and refuses what it cannot combine with."""
+    vit_only = (('--protocol', args.protocol if args.protocol != 'simsiam' else None),
+                ('--n-last-blocks', args.n_last_blocks), ('--avgpool-patchtokens', args.avgpool_patchtokens),
+                ('--num-heads', args.num_heads))
+    given = [f for f, v in vit_only if v is not None]
+    if given:
+        raise SystemExit(f'{"/".join(given)}: for ViT backbones; --pretrained {pretrained} holds a ResNet')
+    if args.protocol != 'simsiam':
+        return args
+    if args.layers or args.nesterov:
+        raise SystemExit(f'--protocol simsiam trains one fc with LARC around plain SGD; drop '
+                         f'{"--layers" if args.layers else "--nesterov"}')
+    args = parse_args(argv, RESNET_RECIPES['simsiam'])
+    args.protocol = 'simsiam'
+    return args
+
+
+def build_optimizer(params, lr, args):
+    """(optimizer, description): SGD over the fc, wrapped in apex LARC for --protocol simsiam
+    (SS:main_lincls.py:226-232: trust coefficient 0.001, clip=False; every tensor adapted)."""
+    sgd = dict(momentum=args.momentum, weight_decay=args.wd)
+    if args.protocol == 'simsiam':
+        return optim.LARC(params, lr, eta=0.001, **sgd), 'LARC (apex, trust 0.001, clip off) around SGD'
+    return torch.optim.SGD(params, lr, nesterov=args.nesterov, **sgd), 'SGD'
 
 
 # ============ backbone loading and checks ============
@@ -283,6 +321,7 @@ class ViTLinear(nn.Module):
         return self.fc(f)
 
 
+RESNET_TITLES = {'simsiam': 'SimSiam linear classification with LARS (main_lincls.py --lars; methods-modern.md §12.5)'}
 VIT_TITLES = {'mocov3': 'MoCo v3 linear classification of a ViT (main_lincls.py; methods-modern.md §15.6)',
               'dino': 'DINO linear classification of a ViT (eval_linear.py; methods-modern.md §16.7)'}
 
@@ -575,11 +614,7 @@ def main(argv=None):
     if vit:
         args = vit_protocol(argv, args, cfg)
     else:
-        given = [f for f, v in (('--protocol', args.protocol), ('--n-last-blocks', args.n_last_blocks),
-                                ('--avgpool-patchtokens', args.avgpool_patchtokens), ('--num-heads', args.num_heads))
-                 if v is not None]
-        if given:
-            raise SystemExit(f'{"/".join(given)}: for ViT backbones; --pretrained {pretrained} holds a ResNet')
+        args = resnet_protocol(argv, args, pretrained)
     fingerprint = weights_fingerprint(sd)
     files = Outputs('lincls', out_dir, CKPT_NAME, LOG_NAME, [result_path.name], default=not args.output_dir)
     ckpt_path = dist.on_main(lambda: claim(args, files, fingerprint, MAY_CHANGE))
@@ -651,7 +686,7 @@ def main(argv=None):
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
-    optimizer = torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.wd, nesterov=args.nesterov)
+    optimizer, optimizer_text = build_optimizer(params, lr, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start_epoch, best, last = 0, {}, {}  # per head: {epoch, top1, top5}
     if state:
@@ -664,7 +699,9 @@ def main(argv=None):
 
     protocol = dict(
         protocol='multi-head linear classification (Goyal et al. 2019; OSS r50_multihead.py)' if multi else
-        VIT_TITLES[args.protocol] if vit else 'MoCo linear classification (main_lincls.py)', pretrained=str(pretrained),
+        VIT_TITLES[args.protocol] if vit else RESNET_TITLES.get(args.protocol, 'MoCo linear classification '
+                                                                               '(main_lincls.py)'),
+        pretrained=str(pretrained), optimizer=optimizer_text,
         **(describe_backbone(cfg) if vit else dict(arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
                                                    in_channels=cfg['in_channels'])),
         feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=len(train_set),
