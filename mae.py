@@ -245,8 +245,9 @@ class MAE(nn.Module):
             noise = torch.rand(imgs.shape[0], self.grid[0] * self.grid[1], device=imgs.device)
         latent, mask, ids_restore = self.forward_encoder(imgs, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        target = pixel_target(imgs, self.patch_size, self.norm_pix_loss)
-        return mae_loss(pred.float(), target.float(), mask.float()), pred, mask  # AMP: the loss in float32
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # under AMP the loss is float32
+        target = pixel_target(imgs.to(dtype), self.patch_size, self.norm_pix_loss)
+        return mae_loss(pred.to(dtype), target, mask.to(dtype)), pred, mask
 
 
 def weight_decay_groups(model, wd):
