@@ -109,7 +109,8 @@ def get_parser():
     g = add_run_args(p, 'output/swav', device_aug=True)
     g.add_argument('--nmb-crops', type=int, nargs='+', default=[2, 6], help='crops per resolution')
     g.add_argument('--size-crops', type=int, nargs='+', default=[224, 96], help='crop size per resolution')
-    g.add_argument('--min-scale-crops', type=float, nargs='+', default=[0.14, 0.05], help='smallest scale per resolution')
+    g.add_argument('--min-scale-crops', type=float, nargs='+', default=[0.14, 0.05],
+                   help='smallest scale per resolution')
     g.add_argument('--max-scale-crops', type=float, nargs='+', default=[1.0, 0.14], help='largest scale per resolution')
     g.add_argument('--blur', action=argparse.BooleanOptionalAction, default=None,
                    help='Gaussian blur (p 0.5) on every crop; None = on when the largest crop is 64 px or more')
@@ -218,8 +219,8 @@ def lr_schedule(base_lr, final_lr, epochs, iters, warmup_epochs=0, start_warmup=
     for t = 0..n-1 over the n remaining iterations."""
     warm = np.linspace(start_warmup, base_lr, iters * warmup_epochs)
     n = iters * (epochs - warmup_epochs)
-    cos = [final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / n)) for t in range(n)]
-    return np.concatenate((warm, np.array(cos)))
+    cos = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * np.arange(n) / n))  # vectorised: a long
+    return np.concatenate((warm, cos))  # nominal run (scripts/benchmark.py) builds it in a moment
 
 
 class SwAVRun(Run):
@@ -233,14 +234,15 @@ class SwAVRun(Run):
         super().save(epoch, it, keep)
 
 
-def check_args(args, world):
+def check_args(args):
     """One-line refusals of inconsistent crop / queue flags. Returns (number of crops, queue length
     rounded down to a multiple of the global batch, `SW:main_swav.py:212-213`)."""
     lists = ('--size-crops', args.size_crops), ('--min-scale-crops', args.min_scale_crops), \
         ('--max-scale-crops', args.max_scale_crops)
     for flag, v in lists:
         if len(v) != len(args.nmb_crops):
-            raise SystemExit(f'{flag} has {len(v)} values but --nmb-crops {len(args.nmb_crops)}; give one per resolution')
+            raise SystemExit(f'{flag} has {len(v)} values but --nmb-crops {len(args.nmb_crops)}; give one per '
+                             f'resolution')
     if min(args.nmb_crops) < 1:
         raise SystemExit(f'--nmb-crops {args.nmb_crops}: every resolution needs at least one crop')
     n_crops = sum(args.nmb_crops)
@@ -277,7 +279,7 @@ def main(argv=None):
     log, git = start_run(args, world, device)
 
     # ============ data ============
-    n_crops, queue_length = check_args(args, world)
+    n_crops, queue_length = check_args(args)
     blur = max(args.size_crops) >= 64 if args.blur is None else args.blur  # no blur on 32-px data
     views = augment.swav(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops, blur)
     train_set, sampler, loader = train_loader(args.data, views, args.batch_size, rank, world, args.seed,
@@ -309,8 +311,9 @@ def main(argv=None):
     optimizer = optim.LARC(core.parameters(), args.base_lr, momentum=args.momentum, weight_decay=args.wd,
                            eta=args.trust)
     lrs = lr_schedule(args.base_lr, args.final_lr, args.epochs, iters, args.warmup_epochs, args.start_warmup)
-    log.print(f'LARC (eta {args.trust:g}) over SGD: LR {args.start_warmup:g} -> {args.base_lr:g} in '
-              f'{args.warmup_epochs} epochs, cosine to {args.final_lr:g}; wd {args.wd:g}; prototypes frozen for '
+    warm = f'{args.start_warmup:g} -> {args.base_lr:g} in {args.warmup_epochs} epochs, ' if args.warmup_epochs else ''
+    log.print(f'LARC (eta {args.trust:g}) over SGD: LR {warm}{args.base_lr:g} cosine to {args.final_lr:g}; '
+              f'wd {args.wd:g}; prototypes frozen for '
               f'{args.freeze_prototypes_niters} iterations; BN {"synchronised" if sync_bn else "per process"}; '
               f'collapse value of the loss ln K = {math.log(args.nmb_prototypes):.4f}')
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')

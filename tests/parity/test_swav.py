@@ -30,6 +30,7 @@ Shims (the reference needs apex and CUDA; nothing of its code is changed):
 """
 import argparse
 import importlib
+import math
 import os
 import socket
 import sys
@@ -199,7 +200,7 @@ def ref_schedule():
     """main_swav.py:178-182 with one iteration per epoch."""
     warm = np.linspace(LR['start_warmup'], LR['base_lr'], 1 * LR['warmup_epochs'])
     n = 1 * (EPOCHS - LR['warmup_epochs'])
-    cos = np.array([LR['final_lr'] + 0.5 * (LR['base_lr'] - LR['final_lr']) * (1 + np.cos(np.pi * t / n))
+    cos = np.array([LR['final_lr'] + 0.5 * (LR['base_lr'] - LR['final_lr']) * (1 + math.cos(math.pi * t / n))
                     for t in np.arange(n)])
     return np.concatenate((warm, cos))
 
