@@ -94,8 +94,9 @@ def get_parser():
     g.add_argument('--epochs', type=positive(int), default=800)
     g.add_argument('-b', '--batch-size', type=positive(int), default=4096,
                    help='GLOBAL batch of one forward over all processes (each process takes batch/world)')
-    g.add_argument('--accum-iter', type=positive(int), default=1,
-                   help='forwards whose gradients are summed per optimizer step (effective batch -b x this)')
+    g.add_argument('--accum-iter', '--accum-steps', type=positive(int), default=1,
+                   help='batches whose gradients are summed per optimizer step, effective batch -b x this '
+                        '(--accum-steps: the other programs\' spelling)')
     g.add_argument('--lr', type=positive(float), default=1.5e-4,
                    help='base LR (the reference\'s blr) for an effective batch of 256, scaled linearly')
     g.add_argument('--min-lr', type=float, default=0., help='end of the cosine')
