@@ -44,7 +44,7 @@ import argparse
 import math
 
 import torch
-import torch.distributed.nn
+import torch.distributed
 import torch.nn as nn
 
 from common import augment, checkpoint, dist, optim
@@ -123,11 +123,26 @@ def parse_args(argv=None):
 # ============ model and loss ============
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)  # every process's copy of the sum passes its gradient back
+        return grad
+
+
 def all_reduce_with_grad(t):
-    """Sum over processes whose backward is the same sum of the gradients (torch.distributed.nn):
-    every process holds the same global value and its own copy of everything computed from it, so
-    the gradient of every copy reaches every process's share. Identity on one process."""
-    return torch.distributed.nn.functional.all_reduce(t) if dist.is_dist() else t
+    """Sum over processes whose backward is the same sum of the incoming gradients: every process
+    holds the global value and its own copy of everything computed from it, so the gradient of every
+    copy reaches every process's share (with DDP's averaging: the gradient of the global loss).
+    Identity on one process."""
+    return _AllReduceSum.apply(t) if dist.is_dist() else t
 
 
 def global_batch_norm(z, n):
