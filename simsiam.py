@@ -49,7 +49,8 @@ from common.run import Run, add_backbone_args, add_run_args, autocast, compile_m
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description='SimSiam pre-training', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description='SimSiam pre-training',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('data', nargs='?', default=None,
                    help='ImageNet-layout root (train/<class>/...), image folder, or image-list file; '
                         'omit to run the demo on the shipped CIFAR-10 sample')
