@@ -147,7 +147,7 @@ def warmup_cosine(base_lr, e, warmup_epochs, epochs, min_lr=0.0):
 def batch_mixing(num_classes, mixup=0.8, cutmix=1.0, switch_prob=0.5):
     """torchvision.transforms.v2 MixUp (Beta(mixup, mixup)) and/or CutMix (Beta(cutmix, cutmix), lam
     corrected for the clipped box), one of the two per batch (CutMix with `switch_prob`), as timm's
-    Mixup in batch mode with prob 1 (`MAE:main_finetune.py:218-225`). Called as mix(images, labels)
+    Mixup in batch mode with prob 1 (`MAE:main_finetune.py:219-225`). Called as mix(images, labels)
     -> (images, NxC soft labels). None when both alphas are 0. Differences from timm: each image is
     mixed with its neighbour in the batch (roll by 1) where timm takes the reversed batch (flip); the
     RNG is torch's (timm: numpy); label smoothing is left to the loss (F.cross_entropy's
@@ -204,7 +204,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, meter, device, amp,
     """One epoch of fine-tuning from batch `start_iter`; returns True when step_end asked to stop.
 
     lr_at(it): the LR of batch `it`, set at the first batch of each accumulation (MAE's
-    engine_finetune.py:43-45). mix: batch_mixing's transform or None (hard labels). The loss is
+    engine_finetune.py:46-47). mix: batch_mixing's transform or None (hard labels). The loss is
     cross-entropy with `smoothing`, divided by accum_iter; the optimizer steps every accum_iter
     batches (a partial accumulation at the epoch's end is dropped, as MAE does). step_end(it), called
     after each optimizer step, returns True to stop (common.run.Run.step_end). amp: torch.autocast's

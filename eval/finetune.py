@@ -154,7 +154,7 @@ def pretrained_of(argv):
 
 def train_transform(args):
     """RandomResizedCrop(bicubic) + flip + RandAugment + ToTensor + normalise + RandomErasing
-    (`MAE:util/datasets.py:31-48`, timm create_transform; torchvision ops, see Deviations); below
+    (`MAE:util/datasets.py:34-49`, timm create_transform; torchvision ops, see Deviations); below
     64 px the padded RandomCrop + flip of the repo's 32-px recipes replaces the crop."""
     size = args.crop_size
     if size < 64:
@@ -198,10 +198,10 @@ def main(argv=None):
 
     # ============ model, optimizer, resume ============
     model, core = build_model(args, sd, cfg, num_classes, world, device)
-    lr = args.lr or args.blr * args.batch_size * args.accum_iter / 256  # MAE:main_finetune.py:279-281
+    lr = args.lr or args.blr * args.batch_size * args.accum_iter / 256  # MAE:main_finetune.py:267-270
     optimizer = torch.optim.AdamW(ft.param_groups(core, args.wd, args.layer_decay), lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    torch.manual_seed(args.seed + rank)  # own mixing and drop path per process (MAE:main_finetune.py:175-177)
+    torch.manual_seed(args.seed + rank)  # own mixing and drop path per process (MAE:main_finetune.py:167)
     run = Run(args, core, 'backbone', optimizer, scaler, ckpt, ckpt_path, git, log, device, train_set)
     compile_modules(args, core)  # --compile
     del ckpt
