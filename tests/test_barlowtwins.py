@@ -277,6 +277,14 @@ def test_torchrun_two_processes(data64, tmp_path):
     assert len(records(out, 'train')) == 4 and (out / 'backbone.pth').is_file()
 
 
+def test_device_aug_memory(data64, tmp_path):
+    """--device-aug memory: the same two views made by common/batch_aug on the device from the decoded set."""
+    bt.main([str(data64), *TINY, '--batch-size', '16', '--epochs', '1', '--max-steps', '1', '--device-aug', 'memory',
+             '--output-dir', str(tmp_path)])
+    r = records(tmp_path, 'train')
+    assert len(r) == 1 and r[0]['loss'] > 0 and (tmp_path / 'checkpoint_last.pth').is_file()
+
+
 def test_bad_input_one_line(data64, tmp_path, capsys):
     assert refused(bt.main, [str(tmp_path / 'missing'), *TINY, '--output-dir', str(tmp_path / 'o')]).startswith('data:')
     assert refused(bt.main, [str(data64), *TINY, '--sync-bn', '--output-dir', str(tmp_path / 'p')]) == \
