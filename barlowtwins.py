@@ -8,7 +8,7 @@ Reduction", ICML 2021 (arXiv:2103.03230). Reference code: facebookresearch/barlo
   python barlowtwins.py                                       # demo: shipped CIFAR-10 sample, CPU (see DEMO)
   torchrun --nproc_per_node=8 barlowtwins.py /data/imagenet   # the recipe below, batch 2048 over 8 GPUs
   torchrun --nnodes=2 --nproc_per_node=8 ... barlowtwins.py --amp fp16 /data/imagenet   # BT:README's 16 GPUs
-  python eval/lincls.py ... output/barlowtwins/backbone.pth   # linear evaluation of the saved ResNet
+  python eval/lincls.py --pretrained output/barlowtwins/backbone.pth /data/imagenet   # linear evaluation
 
 The recipe (methods-modern.md §13; explicit flags win):
   * ResNet-50 with zero-initialised residual BNs and no fc (2048-d), projector 8192-8192-8192:
