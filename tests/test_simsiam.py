@@ -164,6 +164,53 @@ def test_device_aug_memory_trains(data64, tmp_path):
     assert len(tr) == 2 and all(-1 <= r['loss'] <= 1 for r in tr)
 
 
+def tiny_simsiam():
+    """A BN-free SimSiam (conv backbone; the projector's and predictor's BNs replaced by Identity) in
+    float64, so that its gradient on a batch does not depend on how the batch is split over processes."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SimSiam(backbone, dim=6, pred_dim=4, feat_dim=8)
+    for seq in (model.encoder.projector, model.predictor):
+        for i, m in enumerate(seq):
+            if isinstance(m, nn.BatchNorm1d):
+                seq[i] = nn.Identity()
+    return model.double(), torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
+DRIVER = """
+import sys
+import torch
+sys.path[:0] = [{repo!r}, {tests!r}]
+from common import dist
+from test_simsiam import tiny_simsiam
+
+rank, world, _ = dist.init_distributed('cpu')
+model, x1, x2 = tiny_simsiam()
+ddp = dist.ddp(model, torch.device('cpu'))
+n = 8 // world
+loss = ddp(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n])
+loss.backward()
+torch.save([p.grad for p in model.parameters() if p.requires_grad], {out!r} + '/grads_%d.pt' % rank)
+dist.cleanup()
+"""
+
+
+def test_ddp_gradient_two_processes_equals_one(tmp_path):
+    """Real 2-process gloo run of the model under DDP, 4 images per process: the averaged gradient ==
+    one process on all 8 (the loss is a per-sample mean, so DDP's average is the global batch's)."""
+    from conftest import REPO
+    driver = tmp_path / 'driver.py'
+    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(REPO / 'tests'), out=str(tmp_path)))
+    torchrun(2, driver)
+    model, x1, x2 = tiny_simsiam()
+    model(x1, x2).backward()
+    want = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(want) == 8 and max(w.abs().max().item() for w in want) > 1e-3  # conv 2, projector 3, predictor 3
+    for r in (0, 1):
+        got = torch.load(tmp_path / f'grads_{r}.pt')
+        assert len(got) == len(want) and all(torch.allclose(a, w, atol=1e-12, rtol=0) for a, w in zip(got, want))
+
+
 def test_torchrun_two_processes(data64, tmp_path):
     """Real 2-process gloo run: each process takes 8 images per view, DDP averages, BN per process on CPU;
     4 steps of the 64-image epoch are logged and the backbone is saved."""
