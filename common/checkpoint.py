@@ -121,13 +121,14 @@ def all_rng_states():
 # flag defines the run, and resuming with another value stops with the difference.
 MAY_CHANGE = {'workers', 'print_freq', 'epochs', 'output_dir', 'device', 'resume', 'overwrite', 'save_freq',
               'save_iters', 'max_steps', 'knn_every', 'knn_k', 'knn_t', 'tensorboard', 'compile', 'compile_mode',
-              'aug_prefetch', 'amp', 'deterministic', 'dist_timeout', 'data', 'unsafe_load'}
+              'aug_prefetch', 'amp', 'deterministic', 'dist_timeout', 'data', 'unsafe_load', 'vis_every',
+              'vis_images'}
 # What a training program leaves in --output-dir; --overwrite deletes these and nothing else. The
 # results of evaluating those files (NAME.pth.knn.json, eval/lincls.py's files) go with them, since
 # they describe the model that is being replaced.
 RUN_FILES = ('checkpoint_last.pth', 'checkpoint_[0-9]*.pth', 'backbone.pth')
 RUN_LEFTOVERS = ('*.pth.tmp', '*.pth.*.json', 'log.jsonl', 'log_stale.jsonl', 'lincls_checkpoint.pth',
-                 'lincls_log.jsonl', 'tb')
+                 'lincls_log.jsonl', 'tb', 'vis_[0-9]*.png', 'finetune.json')
 
 
 def check_writable(folder, flag='--output-dir'):

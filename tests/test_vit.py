@@ -210,7 +210,7 @@ def test_dino_init():
     assert conv.bias.abs().min() > 0
     assert torch.equal(blk.norm2.weight, torch.ones(d)) and torch.equal(blk.norm2.bias, torch.zeros(d))
     with pytest.raises(ValueError, match='init must be'):
-        VisionTransformer(init='mae', **INIT_CFG)
+        VisionTransformer(init='jax', **INIT_CFG)
 
 
 # ============ features for evaluation ============
