@@ -10,12 +10,15 @@ epoch budget each, the batched on-device augmentation with the whole set in devi
 Runs each method file as it is (`python METHOD.py DATA ...`), then prints per method: img/s (mean
 over epochs after the first), wall time, mean GPU utilisation (nvidia-smi, sampled every second)
 and the weighted-kNN top-1 (k=200, T=0.1) of the final backbone on val, the protocol of lightly's
-CIFAR-10 benchmark (targets at 200 epochs, batch 512: MoCo 0.847, SimCLR 0.848, BYOL 0.868). The
+CIFAR-10 benchmark (targets at 200 epochs, batch 512: MoCo 0.847, SimCLR 0.848, BYOL 0.868,
+SimSiam 0.764, Barlow Twins 0.819, SwaV 0.842). The
 per-method flags are lightly's settings in our flags: SGD at 0.06 x batch/128 (our --lr is per 256:
 0.12), momentum 0.9, wd 5e-4, cosine, no warm-up; MoCo T 0.1, queue 8192 (lightly's for batch 512),
 key momentum 0.99, 8 BN splits; SimCLR T 0.5, colour strength 0.5, projection 512-512-128; BYOL
 projector and predictor 1024 wide to 256, target momentum 0.99 (ours rises to 1 on a cosine, as the
-paper). Their ResNet-18 and crops differ in details; the flags are not tuned beyond that.
+paper); SimSiam, Barlow Twins and SwAV: see METHOD_ARGS (Barlow Twins and SwAV keep their papers'
+LARS / LARC where lightly uses SGD / Adam). Their ResNet-18 and crops differ in details; the flags are
+not tuned beyond that.
 """
 import argparse
 import json
@@ -35,10 +38,20 @@ METHOD_ARGS = {  # lightly's CIFAR-10 benchmark settings, in our flags
               '--knn-t 0.1',
     'byol': '--optimizer sgd --lr 0.12 --wd 5e-4 --warmup-epochs 0 --hidden-dim 1024 --dim 256 --tau 0.99 '
             '--knn-t 0.1',
+    # lightly: SGD 0.06 unscaled (our --lr is per 256: 0.03 at batch 512), 2-layer projector 2048, predictor 512
+    'simsiam': '--proj-layers 2 --proj-hidden-dim 2048 --dim 2048 --pred-dim 512 --lr 0.03 --wd 5e-4 --knn-t 0.1',
+    # lightly: projector 2048-2048, lambda 0.005; barlowtwins.py has FAIR LARS only (lightly: SGD), its LRs kept
+    'barlowtwins': '--projector 2048-2048 --lambd 0.005 --warmup-epochs 2 --knn-t 0.1',
+    # lightly: head 512-512-128, 512 prototypes, 2 crops of 32 px (scale 0.14-1), no queue (lightly: Adam 1e-3)
+    'swav': '--hidden-mlp 512 --nmb-prototypes 512 --base-lr 0.6 --final-lr 0.0006 --warmup-epochs 0 '
+            '--freeze-prototypes-niters 98 --queue-length 0 --knn-t 0.1',
 }
+# how each method takes its crop size (SwAV: a list of multi-crop sizes and counts)
+CROP_ARGS = {'swav': '--size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 --max-scale-crops 1'}
 TINY = '--arch resnet10 --width 8 --batch-size 16 --workers 0 --knn-k 20 --amp off'  # CPU: bf16 is slow there
 TINY_METHOD = {'moco': '--moco-k 32 --bn-splits 2 --moco-dim 16', 'simclr': '--proj-dim 16',
-               'byol': '--hidden-dim 32 --dim 16'}
+               'byol': '--hidden-dim 32 --dim 16', 'simsiam': '--proj-hidden-dim 32 --dim 16 --pred-dim 8',
+               'barlowtwins': '--projector 32-32', 'swav': '--hidden-mlp 32 --feat-dim 16 --nmb-prototypes 20'}
 
 
 class GpuSampler(threading.Thread):
@@ -64,7 +77,7 @@ class GpuSampler(threading.Thread):
 def run_method(method, args):
     out = Path(args.output_dir) / method
     cmd = [sys.executable, str(REPO / f'{method}.py'), str(args.data), '--arch', 'resnet18', '--cifar-stem',
-           '--crop-size', '32', '--batch-size', str(args.batch_size), '--epochs', str(args.epochs),
+           *shlex.split(CROP_ARGS.get(method, '--crop-size 32')), '--batch-size', str(args.batch_size), '--epochs', str(args.epochs),
            '--knn-every', str(args.epochs), '--knn-k', '200', '--device-aug', args.device_aug, '--amp', args.amp,
            '--workers', str(args.workers), '--seed', '0', '--print-freq', '50', '--save-freq', str(args.epochs),
            '--output-dir', str(out)] + shlex.split(METHOD_ARGS[method])

@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ['moco', 'simclr', 'byol', 'npid', 'deepcluster', 'odc', 'rotation', 'relative_loc', 'mocov3', 'dino']
+METHODS = ['moco', 'simclr', 'byol', 'npid', 'deepcluster', 'odc', 'rotation', 'relative_loc', 'mocov3', 'dino',
+           'simsiam', 'barlowtwins', 'swav', 'mae']
 
 
 def main(argv=None):
