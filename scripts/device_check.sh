@@ -7,7 +7,8 @@
 # CIFAR10_TAR_GZ: ../shared/data/cifar10/cifar10.tar.gz (copy it into the checkout to carry it along).
 # SECONDS: the whole budget (default 540). PARTS: which parts run (default "1 2 3 4 5"); MOCO_ONLY=1:
 # part 2 measures MoCo only; COMPILE=1: part 2 runs with --compile (networks and augmentation);
-# TTA=moco|simclr|byol: part 4's method (default moco); TTA_EPOCHS: part 4's epochs (default: what fits
+# TTA=moco|simclr|byol|simsiam|barlowtwins|swav: part 4's method (default moco; the last three take their
+# img/s from an earlier part 7 in the same OUT, else give TTA_EPOCHS); TTA_EPOCHS: part 4's epochs (default: what fits
 # the budget at part 2's img/s); TTA_EXTRA: more flags for part 4's method (e.g. "--aug-prefetch 0");
 # RESERVE: seconds kept back from part 4 (default 100). Parts:
 #   1. the CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_batch_aug.py)
@@ -18,6 +19,8 @@
 #   4. CIFAR-10 time to accuracy of $TTA (scripts/bench_cifar.py) with the epochs that fit the budget left
 #   5. what time remains: augmentation-only throughput (scripts/bench_augment.py)
 #   6. (only when PARTS names it) ViT-S/16 MoCo v3 batch 128 and DINO 2x224 + 10x96, bf16, img/s and memory
+#   7. (only when PARTS names it) ViT-B/16 MAE batch 256 and SimSiam / Barlow Twins / SwAV CIFAR-10 img/s;
+#      their 200-epoch time to accuracy is part 4 with TTA=simsiam|barlowtwins|swav
 # A whole 200-epoch run needs a call of its own, e.g. PARTS=4 TTA=simclr TTA_EPOCHS=200 ... 590.
 set -u
 OUT=${OUT:-output/device_check}
@@ -127,5 +130,18 @@ bench "mocov3 vit_small batch 128" 150 mocov3 --steps 20 --warmup 5 -- synthetic
   --amp bf16 --workers 8
 bench "dino vit_small 2x224 + 10x96 batch 64" 150 dino --steps 20 --warmup 5 -- synthetic:224 --arch vit_small \
   -b 64 --amp bf16 --local-crops-number 10 --device-aug memory --epochs 20 --warmup-epochs 1
+fi
+
+if want 7; then
+part "7. issues 16-17: ViT-B/16 MAE batch 256; SimSiam, Barlow Twins, SwAV on CIFAR-10 batch 512 (bf16)"
+bench "mae vit_base batch 256" 150 mae --steps 20 --warmup 5 -- synthetic:224 --arch vit_base -b 256 --amp bf16 \
+  --workers 8
+bench "simsiam-cifar memory" 75 simsiam --steps 50 --warmup 20 -- $CIFAR --device-aug memory $(margs simsiam)
+bench "barlowtwins-cifar memory" 75 barlowtwins --steps 50 --warmup 20 -- $CIFAR --device-aug memory \
+  $(margs barlowtwins)
+# SwAV takes its crops as lists (bench_cifar.CROP_ARGS) instead of --crop-size
+bench "swav-cifar memory" 75 swav --steps 50 --warmup 20 -- $C10 --arch resnet18 --cifar-stem -b 512 --amp bf16 \
+  --workers 16 --size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 --max-scale-crops 1 --device-aug memory \
+  $(margs swav)
 fi
 part "done"
