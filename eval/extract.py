@@ -74,6 +74,33 @@ def get_parser():
     return p
 
 
+def check_layers(args, cfg, crop):
+    """The unique requested layers, refused in one line where the backbone lacks them; for a ResNet
+    also the StagePool that pools them (None for a ViT)."""
+    vit = bool(cfg.get('vit'))
+    layers = list(dict.fromkeys(args.layers or (['cls'] if vit else list(LAYERS[:5]))))  # unique, in order
+    if vit:
+        wrong = [n for n in layers if n in LAYERS]
+        if wrong:
+            raise SystemExit(f'--layers {" ".join(wrong)}: a ViT has no ResNet stages; it offers cls, patch_avg and '
+                             f'cls_lastN (the last N blocks\' cls tokens)')
+        if args.pool:
+            raise SystemExit(f'--pool {args.pool}: pools ResNet feature maps; a ViT\'s features (--layers cls, '
+                             f'patch_avg, cls_lastN) are pooled by definition')
+        if max(vit_layer(n) for n in layers) > cfg['depth']:
+            raise SystemExit(f'--layers: the ViT has {cfg["depth"]} blocks, fewer than {" ".join(layers)} asks for')
+        return layers, None
+    wrong = [n for n in layers if n not in LAYERS]
+    if wrong:
+        raise SystemExit(f'--layers {" ".join(wrong)}: ViT features; a ResNet offers {", ".join(LAYERS)} '
+                         f'(aliases stem, layer1..layer4)')
+    args.pool = args.pool or 'multi'
+    try:
+        return layers, StagePool(layers, crop, args.pool)
+    except ValueError as e:
+        raise SystemExit(f'--pool {args.pool}: {e}') from None
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world, device = dist.init_distributed(args.device)
@@ -87,28 +114,8 @@ def main(argv=None):
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f'--pretrained {pretrained}: {e}') from None
     vit = bool(cfg.get('vit'))
-    layers = list(dict.fromkeys(args.layers or (['cls'] if vit else list(LAYERS[:5]))))  # unique, in order
     crop = args.crop_size or default_crop(cfg)
-    if vit:
-        wrong = [n for n in layers if n in LAYERS]
-        if wrong:
-            raise SystemExit(f'--layers {" ".join(wrong)}: a ViT has no ResNet stages; it offers cls, patch_avg and '
-                             f'cls_lastN (the last N blocks\' cls tokens)')
-        if args.pool:
-            raise SystemExit(f'--pool {args.pool}: pools ResNet feature maps; a ViT\'s features (--layers cls, '
-                             f'patch_avg, cls_lastN) are pooled by definition')
-        if max(vit_layer(n) for n in layers) > cfg['depth']:
-            raise SystemExit(f'--layers: the ViT has {cfg["depth"]} blocks, fewer than {" ".join(layers)} asks for')
-    else:
-        wrong = [n for n in layers if n not in LAYERS]
-        if wrong:
-            raise SystemExit(f'--layers {" ".join(wrong)}: ViT features; a ResNet offers {", ".join(LAYERS)} '
-                             f'(aliases stem, layer1..layer4)')
-        args.pool = args.pool or 'multi'
-        try:
-            pool = StagePool(layers, crop, args.pool)
-        except ValueError as e:
-            raise SystemExit(f'--pool {args.pool}: {e}') from None
+    layers, pool = check_layers(args, cfg, crop)
     model = model.to(device).eval()
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)

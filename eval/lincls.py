@@ -603,32 +603,9 @@ def write_json(path, obj):
 # ============ linear training ============
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
-    pretrained = Path(args.pretrained).resolve()
-    out_dir = Path(args.output_dir) if args.output_dir else pretrained.parent
-    result_path = out_dir / (pretrained.name + '.lincls.json')  # beside the checkpoint by default
-    sd, cfg = backbone_weights(pretrained, not args.unsafe_load, args.num_heads)  # before any file is written
-    vit = bool(cfg.get('vit'))
-    if vit:
-        args = vit_protocol(argv, args, cfg)
-    else:
-        args = resnet_protocol(argv, args, pretrained)
-    fingerprint = weights_fingerprint(sd)
-    files = Outputs('lincls', out_dir, CKPT_NAME, LOG_NAME, [result_path.name], default=not args.output_dir)
-    ckpt_path = dist.on_main(lambda: claim(args, files, fingerprint, MAY_CHANGE))
-    state = checkpoint.load(ckpt_path) if ckpt_path else None  # checked by claim() on rank 0
-    if args.seed is None:  # a resumed run keeps its seed: shuffling and augmentation depend on it
-        args.seed = state['args']['seed'] if state else 0
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    log = Logger(out_dir, filename=LOG_NAME)
-    git = checkpoint.git_commit()
-    log.print(f'git {git}  world size {world}  device {device}')
-    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
-
-    # ============ data ============
+def lincls_data(args, cfg, vit, state, ckpt_path, rank, world, device):
+    """Transforms, datasets, sampler and loaders: (train_set, val_set, sampler, loader, val_loader,
+    heads, crop, train_tf, val_tf, data fingerprint)."""
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} is the global batch and must be divisible by '
                          f'the number of processes ({world})')
@@ -651,16 +628,18 @@ def main(argv=None):
         raise SystemExit(f'data: train and val must have the same class folders; got {len(train_set.classes)} '
                          f'train and {len(val_set.classes)} val classes')
     data = check_data(state, train_set, ckpt_path)
-    num_classes = len(train_set.classes)
     loader = torch.utils.data.DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
                                          **loader_kwargs(args.workers, device))
     # every val image exactly once: process r scores images r, r+world, ... and the counts are summed
     val_share = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     val_loader = torch.utils.data.DataLoader(val_share, batch_size=local_bs, shuffle=False,
                                              **loader_kwargs(args.workers, device))
-    iters = sampler.iters
+    return train_set, val_set, sampler, loader, val_loader, heads, crop, train_tf, val_tf, data
 
-    # ============ model ============
+
+def lincls_model(sd, cfg, args, vit, heads, num_classes, crop, device, world):
+    """The frozen backbone with its classifier(s): (model, possibly DDP-wrapped; core; trainable params)."""
+    multi = bool(args.layers)
     if multi:
         model = build_multihead_model(sd, cfg, num_classes, heads, crop)
     elif vit:
@@ -683,6 +662,102 @@ def main(argv=None):
     if world > 1:  # only fc has gradients; BN statistics are frozen (multi-head: per process, rank 0's saved)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
                                                     broadcast_buffers=False)
+    return model, core, params
+
+
+def protocol_record(args, cfg, vit, heads, core, pretrained, optimizer_text, lr, world, crop, train_tf, val_tf,
+                    n_train, n_val, num_classes):
+    """What the result file and the log record about the protocol."""
+    multi = bool(args.layers)
+    protocol = dict(
+        protocol='multi-head linear classification (Goyal et al. 2019; OSS r50_multihead.py)' if multi else
+        VIT_TITLES[args.protocol] if vit else RESNET_TITLES.get(args.protocol, 'MoCo linear classification '
+                                                                               '(main_lincls.py)'),
+        pretrained=str(pretrained), optimizer=optimizer_text,
+        **(describe_backbone(cfg) if vit else dict(arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
+                                                   in_channels=cfg['in_channels'])),
+        feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=n_train,
+        val_images=n_val, epochs=args.epochs, lr=args.lr, effective_lr=lr, batch_size=args.batch_size,
+        world_size=world, momentum=args.momentum, nesterov=args.nesterov, wd=args.wd, schedule=args.schedule,
+        gamma=0.1, lr_schedule='cosine to 0, per epoch' if args.cos else 'step, per epoch', crop_size=crop,
+        train_aug=describe(train_tf),
+        val_aug=describe(val_tf), bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
+        fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed)
+    if multi:
+        protocol.update(layers=heads, feat_dims=core.dims, pooling='fixed avg-pool kernels, common/features.py',
+                        bn='backbone frozen in eval mode; each head BatchNorm2d(affine=False, momentum 0.1) in train mode',
+                        trainable='weight and bias of one Linear per layer', loss='sum of the heads\' cross-entropies')
+    if vit:
+        protocol.update(feature=vit_feature_text(args), n_last_blocks=args.n_last_blocks,
+                        avgpool_patchtokens=args.avgpool_patchtokens)
+    return protocol
+
+
+def log_epoch(log, heads, multi, epoch, iters, top1, top5, val_loss, train_loss, train_acc, best, last, lr, args,
+              t0, device):
+    """Updates last/best per head after an evaluation, prints it and writes the epoch's record."""
+    for i, h in enumerate(heads):
+        last[h] = dict(epoch=epoch, top1=top1[i], top5=top5[i])
+        best[h] = best[h] if h in best and best[h]['top1'] >= top1[i] else dict(last[h])
+        log.print(f'epoch {epoch}: {"" if h == "fc" else h + " "}val top-1 {top1[i]:.2f}  top-5 {top5[i]:.2f}  '
+                  f'loss {val_loss[i]:.4f}  (best top-1 {best[h]["top1"]:.2f} at epoch {best[h]["epoch"]})')
+    vals = {k: dict(zip(heads, v)) if multi else v[0] for k, v in
+            dict(val_top1=top1, val_top5=top5, val_loss=val_loss).items()}
+    log.record(step=(epoch + 1) * iters, type='lincls', epoch=epoch, train_loss=train_loss,
+               train_acc=train_acc, **vals,
+               lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, args.cos, milestones=args.schedule),
+               epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
+
+
+def final_result(core, sd, heads, multi, vit, pretrained, last, best, log):
+    """The sanity check (backbone unchanged) and the result: per layer (multi-head) or top-1/top-5."""
+    try:
+        check_backbone_unchanged(core.backbone if multi or vit else core, sd)
+    except RuntimeError as e:
+        raise SystemExit(f'sanity check failed: {e}') from None
+    log.print('sanity check passed: backbone weights unchanged' if vit else
+              'sanity check passed: backbone weights and BN statistics unchanged')
+    if multi:
+        result = dict(pretrained=str(pretrained), layers={h: dict(top1=last[h]['top1'], top5=last[h]['top5'])
+                                                           for h in heads}, last=last, best=best)
+        log.print(f'{"layer":>8} {"dims":>6} {"top-1":>7} {"top-5":>7} {"best top-1 (epoch)":>20}')
+        for h in heads:
+            log.print(f'{h:>8} {core.dims[h]:>6} {last[h]["top1"]:>7.2f} {last[h]["top5"]:>7.2f} '
+                      f'{best[h]["top1"]:>12.2f} ({best[h]["epoch"]})')
+        return result
+    last, best = last['fc'], best['fc']
+    log.print(f'linear classification: top-1 {last["top1"]:.2f}  top-5 {last["top5"]:.2f} after epoch '
+              f'{last["epoch"]} (best top-1 {best["top1"]:.2f} at epoch {best["epoch"]})')
+    return dict(pretrained=str(pretrained), top1=last['top1'], top5=last['top5'], last=last, best=best)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = dist.init_distributed(args.device, args.dist_timeout)
+    pretrained = Path(args.pretrained).resolve()
+    out_dir = Path(args.output_dir) if args.output_dir else pretrained.parent
+    result_path = out_dir / (pretrained.name + '.lincls.json')  # beside the checkpoint by default
+    sd, cfg = backbone_weights(pretrained, not args.unsafe_load, args.num_heads)  # before any file is written
+    vit = bool(cfg.get('vit'))
+    args = vit_protocol(argv, args, cfg) if vit else resnet_protocol(argv, args, pretrained)
+    fingerprint = weights_fingerprint(sd)
+    files = Outputs('lincls', out_dir, CKPT_NAME, LOG_NAME, [result_path.name], default=not args.output_dir)
+    ckpt_path = dist.on_main(lambda: claim(args, files, fingerprint, MAY_CHANGE))
+    state = checkpoint.load(ckpt_path) if ckpt_path else None  # checked by claim() on rank 0
+    if args.seed is None:  # a resumed run keeps its seed: shuffling and augmentation depend on it
+        args.seed = state['args']['seed'] if state else 0
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    log = Logger(out_dir, filename=LOG_NAME)
+    git = checkpoint.git_commit()
+    log.print(f'git {git}  world size {world}  device {device}')
+    log.print('args: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+
+    # ============ data, model ============
+    train_set, val_set, sampler, loader, val_loader, heads, crop, train_tf, val_tf, data = lincls_data(
+        args, cfg, vit, state, ckpt_path, rank, world, device)
+    multi, num_classes, iters = bool(args.layers), len(train_set.classes), sampler.iters
+    model, core, params = lincls_model(sd, cfg, args, vit, heads, num_classes, crop, device, world)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
@@ -696,28 +771,8 @@ def main(argv=None):
         start_epoch, best, last = state['epoch'], state['best'], state['last']
         log.print(f'resumed from {ckpt_path} after epoch {start_epoch - 1}')
         del state
-
-    protocol = dict(
-        protocol='multi-head linear classification (Goyal et al. 2019; OSS r50_multihead.py)' if multi else
-        VIT_TITLES[args.protocol] if vit else RESNET_TITLES.get(args.protocol, 'MoCo linear classification '
-                                                                               '(main_lincls.py)'),
-        pretrained=str(pretrained), optimizer=optimizer_text,
-        **(describe_backbone(cfg) if vit else dict(arch=cfg['arch'], width=cfg['width'], cifar_stem=cfg['cifar_stem'],
-                                                   in_channels=cfg['in_channels'])),
-        feat_dim=core.feat_dim, num_classes=num_classes, data=str(args.data), train_images=len(train_set),
-        val_images=len(val_set), epochs=args.epochs, lr=args.lr, effective_lr=lr, batch_size=args.batch_size,
-        world_size=world, momentum=args.momentum, nesterov=args.nesterov, wd=args.wd, schedule=args.schedule,
-        gamma=0.1, lr_schedule='cosine to 0, per epoch' if args.cos else 'step, per epoch', crop_size=crop,
-        train_aug=describe(train_tf),
-        val_aug=describe(val_tf), bn='frozen: whole model in eval mode during training', trainable='fc.weight, fc.bias',
-        fc_init='N(0, 0.01), bias 0', amp=args.amp, seed=args.seed)
-    if multi:
-        protocol.update(layers=heads, feat_dims=core.dims, pooling='fixed avg-pool kernels, common/features.py',
-                        bn='backbone frozen in eval mode; each head BatchNorm2d(affine=False, momentum 0.1) in train mode',
-                        trainable='weight and bias of one Linear per layer', loss='sum of the heads\' cross-entropies')
-    if vit:
-        protocol.update(feature=vit_feature_text(args), n_last_blocks=args.n_last_blocks,
-                        avgpool_patchtokens=args.avgpool_patchtokens)
+    protocol = protocol_record(args, cfg, vit, heads, core, pretrained, optimizer_text, lr, world, crop, train_tf,
+                               val_tf, len(train_set), len(val_set), num_classes)
     log.print('protocol: ' + json.dumps(protocol, indent=1))
     log.record(type='lincls_protocol', **protocol)
     log.print(f'effective LR {lr:g} = {args.lr:g} x {args.batch_size}/256; {len(train_set)} training images, '
@@ -732,41 +787,15 @@ def main(argv=None):
         train_loss, train_acc = train_one_epoch(loader, model, optimizer, scaler, epoch, iters, lr, args,
                                                 device, amp, log)
         top1, top5, val_loss = validate(val_loader, core, device, amp, len(heads))  # one entry per head
-        for i, h in enumerate(heads):
-            last[h] = dict(epoch=epoch, top1=top1[i], top5=top5[i])
-            best[h] = best[h] if h in best and best[h]['top1'] >= top1[i] else dict(last[h])
-            log.print(f'epoch {epoch}: {"" if h == "fc" else h + " "}val top-1 {top1[i]:.2f}  top-5 {top5[i]:.2f}  '
-                      f'loss {val_loss[i]:.4f}  (best top-1 {best[h]["top1"]:.2f} at epoch {best[h]["epoch"]})')
-        vals = {k: dict(zip(heads, v)) if multi else v[0] for k, v in
-                dict(val_top1=top1, val_top5=top5, val_loss=val_loss).items()}
-        log.record(step=(epoch + 1) * iters, type='lincls', epoch=epoch, train_loss=train_loss,
-                   train_acc=train_acc, **vals,
-                   lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, args.cos, milestones=args.schedule),
-                   epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
+        log_epoch(log, heads, multi, epoch, iters, top1, top5, val_loss, train_loss, train_acc, best, last, lr, args,
+                  t0, device)
         ckpt = dict(kind='lincls', fc=core.fc.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), epoch=epoch + 1, best=best, last=last, pretrained=str(pretrained),
                     pretrained_fingerprint=fingerprint, data=data, args=vars(args), protocol=protocol, git=git)
         save_or_stop(lambda: checkpoint.save_atomic(ckpt, files.ckpt), kept(epoch))
 
     # ============ sanity check and result ============
-    try:
-        check_backbone_unchanged(core.backbone if multi or vit else core, sd)
-    except RuntimeError as e:
-        raise SystemExit(f'sanity check failed: {e}') from None
-    log.print('sanity check passed: backbone weights unchanged' if vit else
-              'sanity check passed: backbone weights and BN statistics unchanged')
-    if multi:
-        result = dict(pretrained=str(pretrained), layers={h: dict(top1=last[h]['top1'], top5=last[h]['top5'])
-                                                           for h in heads}, last=last, best=best)
-        log.print(f'{"layer":>8} {"dims":>6} {"top-1":>7} {"top-5":>7} {"best top-1 (epoch)":>20}')
-        for h in heads:
-            log.print(f'{h:>8} {core.dims[h]:>6} {last[h]["top1"]:>7.2f} {last[h]["top5"]:>7.2f} '
-                      f'{best[h]["top1"]:>12.2f} ({best[h]["epoch"]})')
-    else:
-        last, best = last['fc'], best['fc']
-        result = dict(pretrained=str(pretrained), top1=last['top1'], top5=last['top5'], last=last, best=best)
-        log.print(f'linear classification: top-1 {last["top1"]:.2f}  top-5 {last["top5"]:.2f} after epoch '
-                  f'{last["epoch"]} (best top-1 {best["top1"]:.2f} at epoch {best["epoch"]})')
+    result = final_result(core, sd, heads, multi, vit, pretrained, last, best, log)
     result.update(protocol=protocol, lincls_checkpoint=str(files.ckpt), git=git)
     save_or_stop(lambda: write_json(result_path, result), kept(args.epochs))
     log.print(f'written to {result_path}')
