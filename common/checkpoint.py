@@ -419,13 +419,13 @@ def checkpoint_args(ckpt):
 
 
 def vit_method(ckpt):
-    """'mocov3', 'dino' or None: which method trained the ViT in `ckpt`, where the file says it (this
+    """'mocov3', 'dino', 'mae' or None: which method trained the ViT in `ckpt`, where the file says it (this
     repo's args.method or method; facebookresearch/moco-v3's module.base_encoder.* layout; dino's
     teacher/student layout). A plain backbone state dict says nothing."""
     if not isinstance(ckpt, dict):
         return None
     method = ckpt.get('method') or checkpoint_args(ckpt).get('method')
-    if method in ('mocov3', 'dino'):
+    if method in ('mocov3', 'dino', 'mae'):
         return method
     sd = ckpt.get('state_dict')
     if isinstance(sd, dict) and any(k.startswith(('module.base_encoder.', 'base_encoder.')) for k in sd):

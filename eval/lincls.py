@@ -24,16 +24,21 @@ still win) and the train augmentation to RandomResizedCrop + flip + ColorJitter(
 lighting. Result: top-1/top-5 per layer.
 
 ViT backbones (common/vit.py; read off the weights of a selfsup mocov3.py/dino.py checkpoint or
-backbone.pth, or of a facebookresearch/moco-v3 or dino checkpoint) get one of two protocols,
---protocol mocov3 or dino (default: the method the checkpoint names, else mocov3). Both freeze the
-whole ViT in eval mode, train one Linear N(0, 0.01)/0 with SGD momentum 0.9, wd 0, a per-epoch cosine
-to 0, RandomResizedCrop(224) + flip, and check that the backbone did not change:
+backbone.pth, or of a facebookresearch/moco-v3 or dino checkpoint) get one of three protocols,
+--protocol mocov3, dino or mae (default: the method the checkpoint names, else mocov3). They freeze the
+whole ViT in eval mode, train one Linear (mocov3, dino: N(0, 0.01)/0 with SGD momentum 0.9, wd 0, a
+per-epoch cosine to 0), RandomResizedCrop(224) + flip, and check that the backbone did not change:
   * mocov3 (methods-modern.md §15.6, `M3:main_lincls.py`): the normed [CLS] token (timm's head on it);
     lr 3 per 256 (12 at batch 1024), batch 1024, 90 epochs; val Resize(256) + CenterCrop(224).
   * dino (§16.7, `DN:eval_linear.py`): the normed cls tokens of the last --n-last-blocks blocks
     concatenated (4 by default: 4 x 384 for ViT-S); for ViT-B 1 block plus the mean patch token
     (--avgpool-patchtokens, interleaved with the cls token dimension by dimension as in DINO, n = 1
     only); lr 0.001 per 256, batch 1024, 100 epochs; val Resize(256, bicubic) + CenterCrop(224).
+  * mae (§17.5, `MAE:main_linprobe.py`; also --bn-head): the normed cls token through BatchNorm1d(affine
+    =False, eps 1e-6, in train mode) into the Linear (trunc-normal std 0.01), FAIR LARS (MAE's
+    util/lars.py) lr 0.1 per 256 (6.4 at batch 16384), wd 0, 10 warm-up epochs then a cosine to 0 per
+    iteration (MAE's lr_sched), 90 epochs (ViT-B). Deviation: torchvision's RandomResizedCrop
+    (bilinear, 10 tries) instead of MAE's one-shot bicubic TF-style crop (`MAE:util/crop.py`).
 The recipe's values are the defaults; explicit flags still win. At 32 px the CIFAR augmentation
 below replaces RandomResizedCrop. The number of heads is not in the weights: --num-heads, else the
 checkpoint's args, else 12 for a MoCo v3 ViT-Small, else the size's default (6 for ViT-Small).
@@ -60,6 +65,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -93,6 +99,8 @@ MULTIHEAD = dict(epochs=90, lr=0.01, schedule=[30, 60, 90], wd=1e-4, nesterov=Tr
 VIT_RECIPES = {
     'mocov3': dict(epochs=90, lr=3.0, batch_size=1024, schedule=[], cos=True, wd=0.0),   # M3:CONFIG.md:141-149
     'dino': dict(epochs=100, lr=0.001, batch_size=1024, schedule=[], cos=True, wd=0.0),  # DN:eval_linear.py
+    # MAE:main_linprobe.py:44-66, MAE:FINETUNE.md:138-155 (ViT-B: 90 epochs; batch 512 x 32 GPUs)
+    'mae': dict(epochs=90, lr=0.1, batch_size=16384, schedule=[], cos=True, wd=0.0, warmup_epochs=10),
 }
 # defaults of SimSiam's LARS protocol for ResNets (--protocol simsiam), SS:main_lincls.py:44-57 and its README
 RESNET_RECIPES = {'simsiam': dict(epochs=90, lr=0.1, batch_size=4096, schedule=[], cos=True, wd=0.0)}
@@ -120,18 +128,26 @@ def get_parser():
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--wd', type=float, default=0.0, help='weight decay')
     g.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=False, help='Nesterov momentum')
+    g.add_argument('--warmup-epochs', type=float, default=0,
+                   help='linear LR warm-up from 0 (per iteration); with it the cosine runs per iteration over the '
+                        'epochs after the warm-up, as MAE\'s lr_sched (--protocol mae: 10)')
     g = p.add_argument_group('multi-head mode (Goyal et al. 2019; OSS r50_multihead.py)')
     g.add_argument('--layers', type=layer_name, nargs='+', default=None,
                    help='one BN(affine=False) + linear head per layer on its fixed-pooled features: feat1..feat5 '
                         '(aliases stem, layer1..layer4) and/or avgpool; sets the defaults to ' +
                         ', '.join(f'{k}={v}' for k, v in MULTIHEAD.items()))
     g = p.add_argument_group('ViT backbones (methods-modern.md §15.6, §16.7)')
-    g.add_argument('--protocol', choices=['mocov3', 'dino', 'simsiam'], default=None,
+    g.add_argument('--protocol', choices=['mocov3', 'dino', 'mae', 'simsiam'], default=None,
                    help='ViT protocol and its defaults: mocov3 (normed cls token; ' +
                         ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['mocov3'].items()) + ') or dino (last blocks\' '
-                        'cls tokens; ' + ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['dino'].items()) + '); '
+                        'cls tokens; ' + ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['dino'].items()) + ') or mae '
+                        '(--bn-head); '
                         'None = the method the checkpoint names, else mocov3. ResNet: simsiam (LARC around SGD; ' +
                         ', '.join(f'{k}={v}' for k, v in RESNET_RECIPES['simsiam'].items()) + '); None = MoCo\'s')
+    g.add_argument('--bn-head', action='store_true',
+                   help='MAE\'s linear probe (= --protocol mae): normed cls token -> BatchNorm1d(affine=False, eps '
+                        '1e-6) in train mode -> Linear, FAIR LARS; ' +
+                        ', '.join(f'{k}={v}' for k, v in VIT_RECIPES['mae'].items()))
     g.add_argument('--n-last-blocks', type=positive(int), default=None,
                    help='dino: concatenate the normed cls tokens of the last n blocks; None = 1 for ViT-Base, else 4')
     g.add_argument('--avgpool-patchtokens', action=argparse.BooleanOptionalAction, default=None,
@@ -190,14 +206,16 @@ def vit_protocol(argv, args, cfg):
                          f'--avgpool-patchtokens)')
     if args.protocol == 'simsiam':
         raise SystemExit('--protocol simsiam is SimSiam\'s ResNet protocol; a ViT takes --protocol mocov3 or dino')
-    protocol = args.protocol or cfg['method'] or 'mocov3'
+    if args.bn_head and args.protocol not in (None, 'mae'):
+        raise SystemExit(f'--bn-head is the mae protocol; drop --protocol {args.protocol} or --bn-head')
+    protocol = 'mae' if args.bn_head else args.protocol or cfg['method'] or 'mocov3'
     args = parse_args(argv, VIT_RECIPES[protocol])
-    args.protocol = protocol
+    args.protocol, args.bn_head = protocol, protocol == 'mae'
     base = cfg['arch'] == 'vit_base'  # DN:eval_linear.py help, DN:README.md:332-345
-    if protocol == 'mocov3':
+    if protocol in ('mocov3', 'mae'):
         if args.n_last_blocks or args.avgpool_patchtokens:
-            raise SystemExit('--n-last-blocks/--avgpool-patchtokens choose DINO\'s feature; the mocov3 protocol is the '
-                             'normed cls token: add --protocol dino')
+            raise SystemExit(f'--n-last-blocks/--avgpool-patchtokens choose DINO\'s feature; the {protocol} protocol is '
+                             f'the normed cls token: add --protocol dino')
         args.n_last_blocks, args.avgpool_patchtokens = 1, False
         return args
     if args.n_last_blocks is None:
@@ -217,7 +235,7 @@ def resnet_protocol(argv, args, pretrained):
     with its defaults (RESNET_RECIPES) and refuses what it cannot combine with."""
     vit_only = (('--protocol', args.protocol if args.protocol != 'simsiam' else None),
                 ('--n-last-blocks', args.n_last_blocks), ('--avgpool-patchtokens', args.avgpool_patchtokens),
-                ('--num-heads', args.num_heads))
+                ('--num-heads', args.num_heads), ('--bn-head', args.bn_head or None))
     given = [f for f, v in vit_only if v is not None]
     if given:
         raise SystemExit(f'{"/".join(given)}: for ViT backbones; --pretrained {pretrained} holds a ResNet')
@@ -235,9 +253,22 @@ def build_optimizer(params, lr, args):
     """(optimizer, description): SGD over the fc, wrapped in apex LARC for --protocol simsiam
     (SS:main_lincls.py:226-232: trust coefficient 0.001, clip=False; every tensor adapted)."""
     sgd = dict(momentum=args.momentum, weight_decay=args.wd)
+    if args.protocol == 'mae':  # MAE:util/lars.py, FAIR LARS (1-D tensors: no decay, no adaptation)
+        return optim.FairLARS(params, lr, **sgd), 'LARS (FAIR / MAE util/lars.py, trust 0.001)'
     if args.protocol == 'simsiam':
         return optim.LARC(params, lr, eta=0.001, **sgd), 'LARC (apex, trust 0.001, clip off) around SGD'
     return torch.optim.SGD(params, lr, nesterov=args.nesterov, **sgd), 'SGD'
+
+
+def lr_of(base_lr, epoch, it, iters, args):
+    """LR of iteration `it` of `epoch`: with --warmup-epochs MAE's lr_sched (linear warm-up, then a
+    cosine to 0 over the rest, per iteration: MAE:util/lr_sched.py:9-21), else per-epoch cosine or steps."""
+    if getattr(args, 'warmup_epochs', 0):
+        e, w = epoch + it / iters, args.warmup_epochs
+        if e < w:
+            return base_lr * e / w
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (e - w) / max(args.epochs - w, 1e-12)))
+    return optim.lr_at(base_lr, epoch, it, iters, args.epochs, getattr(args, 'cos', False), milestones=args.schedule)
 
 
 # ============ backbone loading and checks ============
@@ -303,7 +334,10 @@ class ViTLinear(nn.Module):
         super().__init__()
         self.backbone, self.protocol, self.n, self.avgpool = backbone, protocol, n_last_blocks, avgpool
         self.feat_dim = backbone.embed_dim * (n_last_blocks + int(avgpool))
-        self.fc = nn.Linear(self.feat_dim, num_classes)
+        self.bn_head = protocol == 'mae'  # MAE:main_linprobe.py:218-227: BN without affine before the head
+        linear = nn.Linear(self.feat_dim, num_classes)
+        self.fc = nn.Sequential(nn.BatchNorm1d(self.feat_dim, affine=False, eps=1e-6), linear) if self.bn_head \
+            else linear
 
     def train(self, mode=True):
         super().train(mode)
@@ -311,7 +345,7 @@ class ViTLinear(nn.Module):
         return self
 
     def features(self, x):
-        if self.protocol == 'mocov3':
+        if self.protocol in ('mocov3', 'mae'):
             return self.backbone.pooled(x, 'cls')
         return self.backbone.linear_features(x, self.n, self.avgpool)
 
@@ -323,6 +357,7 @@ class ViTLinear(nn.Module):
 
 RESNET_TITLES = {'simsiam': 'SimSiam linear classification with LARS (main_lincls.py --lars; methods-modern.md §12.5)'}
 VIT_TITLES = {'mocov3': 'MoCo v3 linear classification of a ViT (main_lincls.py; methods-modern.md §15.6)',
+              'mae': 'MAE linear probing of a ViT (main_linprobe.py; methods-modern.md §17.5)',
               'dino': 'DINO linear classification of a ViT (eval_linear.py; methods-modern.md §16.7)'}
 
 
@@ -330,6 +365,8 @@ def vit_feature_text(args):
     """What ViTLinear feeds its fc, for the protocol record."""
     if args.protocol == 'mocov3':
         return 'normed [CLS] token (after the final LayerNorm)'
+    if args.protocol == 'mae':
+        return 'normed [CLS] token -> BatchNorm1d(affine=False, eps 1e-6, train mode) -> Linear'
     text = (f'normed [CLS] tokens of the last {args.n_last_blocks} blocks, concatenated' if args.n_last_blocks > 1
             else 'normed [CLS] token of the last block')
     return text + (', interleaved with the mean normed patch token' if args.avgpool_patchtokens else '')
@@ -650,8 +687,12 @@ def lincls_model(sd, cfg, args, vit, heads, num_classes, crop, device, world):
     for name, p in model.named_parameters():  # freeze all but the classifier(s)
         p.requires_grad = name.startswith('fc.') and name.endswith(('weight', 'bias'))
     if not multi:
-        nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(model.fc.bias)
+        linear = model.fc[1] if getattr(model, 'bn_head', False) else model.fc
+        if getattr(model, 'bn_head', False):  # MAE:main_linprobe.py:223: trunc_normal_(std=0.01)
+            nn.init.trunc_normal_(linear.weight, std=0.01)
+        else:
+            nn.init.normal_(linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(linear.bias)
     params = [p for p in model.parameters() if p.requires_grad]
     if len(params) != 2 * len(heads):
         raise SystemExit(f'expected {2 * len(heads)} trainable tensors (weight and bias of each fc), found {len(params)}')
@@ -690,6 +731,11 @@ def protocol_record(args, cfg, vit, heads, core, pretrained, optimizer_text, lr,
     if vit:
         protocol.update(feature=vit_feature_text(args), n_last_blocks=args.n_last_blocks,
                         avgpool_patchtokens=args.avgpool_patchtokens)
+    if args.warmup_epochs:
+        protocol.update(lr_schedule=f'linear warm-up {args.warmup_epochs:g} epochs, then cosine to 0, per iteration')
+    if getattr(args, 'bn_head', False):
+        protocol.update(bn='backbone frozen in eval mode; head BatchNorm1d(affine=False, eps 1e-6) in train mode',
+                        trainable='fc.1.weight, fc.1.bias', fc_init='trunc-normal std 0.01, bias 0')
     return protocol
 
 
@@ -705,7 +751,7 @@ def log_epoch(log, heads, multi, epoch, iters, top1, top5, val_loss, train_loss,
             dict(val_top1=top1, val_top5=top5, val_loss=val_loss).items()}
     log.record(step=(epoch + 1) * iters, type='lincls', epoch=epoch, train_loss=train_loss,
                train_acc=train_acc, **vals,
-               lr=optim.lr_at(lr, epoch, 0, iters, args.epochs, args.cos, milestones=args.schedule),
+               lr=lr_of(lr, epoch, 0, iters, args),
                epoch_time=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device))
 
 
@@ -809,7 +855,9 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
     batch_time, data_time, losses, top1 = meters
     # the whole network, BN included, in eval mode: the backbone is a fixed feature extractor (§1.5);
     # a MultiHeadLinear keeps its backbone in eval mode itself and trains its heads' BN statistics
-    model.train(isinstance(getattr(model, 'module', model), MultiHeadLinear))
+    # (MAE's BN head trains its statistics too: ViTLinear keeps the backbone in eval mode itself)
+    core = getattr(model, 'module', model)
+    model.train(isinstance(core, MultiHeadLinear) or getattr(core, 'bn_head', False))
     fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -817,7 +865,7 @@ def train_one_epoch(loader, model, optimizer, scaler, epoch, iters, base_lr, arg
     end = time.perf_counter()
     for it, (images, target, _) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
-        lr = optim.lr_at(base_lr, epoch, it, iters, args.epochs, getattr(args, 'cos', False), milestones=args.schedule)
+        lr = lr_of(base_lr, epoch, it, iters, args)
         optim.set_lr(optimizer, lr)
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
