@@ -259,14 +259,7 @@ def main(argv=None):
 
     # ============ model ============
     model = build_model(args)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:  # DDP averages the gradients; BN running statistics stay per process (rank 0's are saved)
-        model = dist.ddp(model, device, sync_buffers=False)
+    model, core = dist.place(model, device, sync_bn)  # DDP averages the gradients; BN statistics per process
 
     # ============ optimizer / resume ============
     optimizer = optim.FairLARS(param_groups(core, args.learning_rate_weights, args.learning_rate_biases), 0.0,

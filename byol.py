@@ -198,14 +198,7 @@ def main(argv=None):
     # ============ model ============
     backbone = build_resnet(args.arch, 0, args.width, args.cifar_stem)
     model = BYOL(backbone, hidden_dim=args.hidden_dim, dim=args.dim)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:  # BN running statistics stay per process; rank 0's are saved
-        model = dist.ddp(model, device, sync_buffers=False)
+    model, core = dist.place(model, device, sync_bn)  # BN running statistics per process; rank 0's saved
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size * accum)

@@ -195,13 +195,9 @@ def main(argv=None):
     if not args.pca_dim <= min(d, n - 1):
         raise SystemExit(f'--pca-dim {args.pca_dim} must be at most the feature dimension ({d}) and below the '
                          f'number of images ({n}); use e.g. --pca-dim {min(d, 256, n - 1)} (or 0 for no PCA)')
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:
-        # no buffer broadcast (as OSS): each round sets the labels alike on every process, and aligns the
-        # per-process BN statistics to rank 0's before extracting features
-        model = dist.ddp(model, device, sync_buffers=False)
+    # no buffer broadcast (as OSS): each round sets the labels alike on every process, and aligns the
+    # per-process BN statistics to rank 0's before extracting features
+    model, core = dist.place(model, device)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

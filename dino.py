@@ -365,15 +365,8 @@ def main(argv=None):
     sync_bn = has_bn and world > 1 and device.type == 'cuda' if args.sync_bn is None else args.sync_bn
     if sync_bn and device.type != 'cuda':
         raise SystemExit('--sync-bn needs CUDA devices; drop it on CPU')
-    if sync_bn:  # DN:main_dino.py:196-201
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device.type == 'cuda' and not vit:
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:  # the centre stays identical by its all-reduce; BN statistics per process, rank 0's saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+    # SyncBN: DN:main_dino.py:196-201; the centre stays identical by its all-reduce, BN statistics per process
+    model, core = dist.place(model, device, sync_bn, channels_last=not vit)
 
     # ============ optimizer, schedules, resume ============
     groups = param_groups(core.student)

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 from torchvision.utils import save_image
 
-from common import augment, checkpoint, dist
+from common import augment, checkpoint, dist, optim
 from common.data import SAMPLE_DATA, build_dataset, has_split, train_loader
 from common.log import start_run
 from common.run import Run, add_run_args, autocast, compile_modules, positive
@@ -262,14 +262,6 @@ def weight_decay_groups(model, wd):
     return [dict(params=no_decay, weight_decay=0.), dict(params=decay, weight_decay=wd)]
 
 
-def lr_at(lr, e, warmup_epochs, epochs, min_lr=0.):
-    """LR at fractional epoch e (`MAE:util/lr_sched.py:9-21`): linear from 0 over the warm-up, then a
-    half cosine from lr to min_lr at e = epochs."""
-    if e < warmup_epochs:
-        return lr * e / warmup_epochs
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs)))
-
-
 def augmentation(size=224, crop_min=0.2):
     """MAE's only augmentation (`MAE:main_pretrain.py:123-127`): bicubic RandomResizedCrop, flip."""
     return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -348,11 +340,8 @@ def main(argv=None):
               f'{args.accum_iter} = effective batch {eff_batch}')
 
     # ============ model ============
-    core = build_model(args).to(device)
+    model, core = dist.place(build_model(args), device, channels_last=False)  # no BN: no buffers to sync
     torch.manual_seed(args.seed + rank)  # the mask noise differs between processes (MAE seeds seed + rank)
-    model = core
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == 'cuda' else None)
     log.print(f'encoder {args.arch}/{core.patch_size} at {args.crop_size} px ({core.grid[0]}x{core.grid[1]} patches, '
               f'{int(core.grid[0] * core.grid[1] * (1 - args.mask_ratio))} visible), decoder {args.decoder_depth} '
               f'blocks of {args.decoder_dim} with {args.decoder_heads} heads, norm-pix loss '
@@ -408,7 +397,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()
         if it % accum == 0:  # LR per iteration, at the window's first batch (MAE:engine_pretrain.py:42-43)
-            lr = lr_at(base_lr, epoch + it / iters, args.warmup_epochs, args.epochs, args.min_lr)
+            lr = optim.warmup_cosine(base_lr, epoch + it / iters, args.warmup_epochs, args.epochs, args.min_lr)
             for g in optimizer.param_groups:
                 g['lr'] = lr
         update = (it + 1) % accum == 0

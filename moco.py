@@ -184,14 +184,10 @@ def main(argv=None):
     def encoder(num_classes):
         return build_resnet(args.arch, num_classes, args.width, args.cifar_stem, bn_splits=bn_splits)
 
-    model = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:
-        # no buffer broadcast: the queue is kept identical by enqueueing the gathered keys (saves a
-        # dimxK copy per step); BN running stats stay per process and rank 0's are saved
-        model = dist.ddp(model, device, sync_buffers=False)
+    model = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp)
+    # no buffer broadcast: the queue is kept identical by enqueueing the gathered keys (saves a dimxK
+    # copy per step); BN running stats stay per process and rank 0's are saved
+    model, core = dist.place(model, device)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

@@ -153,14 +153,6 @@ def momentum_at(e, epochs, m0):
     return 1 - 0.5 * (1 + math.cos(math.pi * e / epochs)) * (1 - m0)
 
 
-def lr_at(base_lr, e, warmup_epochs, epochs):
-    """LR at fractional epoch e (M3:main_moco.py:420-428): linear from 0 over the warm-up, then a half
-    cosine to 0 at e = epochs."""
-    if e < warmup_epochs:
-        return base_lr * e / warmup_epochs
-    return base_lr * 0.5 * (1 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs)))
-
-
 class MoCoV3(nn.Module):
     """Base encoder (backbone + projector) with a predictor, and a momentum encoder (a copy of the base
     encoder, updated only by EMA) (M3:moco/builder.py).
@@ -253,17 +245,9 @@ def main(argv=None):
 
     # ============ model ============
     model = build_model(args)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
+    model, core = dist.place(model, device, sync_bn)  # BN running statistics per process; rank 0's saved
     if is_vit(args):
         log.print(f'patch projection {"frozen at its random init" if args.stop_grad_conv1 else "trained"}')
-    if world > 1:  # BN running statistics stay per process; rank 0's are saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)
@@ -300,7 +284,7 @@ def train_one_epoch(loader, model, core, optimizer, scaler, epoch, start_iter, i
     for it, (images, _, _) in enumerate(loader, start=start_iter):
         meter.data_ready()
         e = epoch + it / iters  # LR and momentum per iteration
-        lr = lr_at(base_lr, e, args.warmup_epochs, args.epochs)
+        lr = optim.warmup_cosine(base_lr, e, args.warmup_epochs, args.epochs)  # M3:main_moco.py:420-428
         optim.set_lr(optimizer, lr)
         m = momentum_at(e, args.epochs, args.moco_m) if args.moco_m_cos else args.moco_m
         x1 = images[0].to(device, non_blocking=True, memory_format=fmt)  # view 1: blur p=1, no solarize

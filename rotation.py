@@ -143,12 +143,7 @@ def main(argv=None):
 
     # ============ model ============
     backbone = build_resnet(args.arch, 0, args.width, args.cifar_stem)
-    model = RotationPred(backbone).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:
-        model = dist.ddp(model, device)
+    model, core = dist.place(RotationPred(backbone), device, sync_buffers=True)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

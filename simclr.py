@@ -199,14 +199,8 @@ def main(argv=None):
     # ============ model ============
     backbone = build_resnet(args.arch, 0, args.width, args.cifar_stem)  # fc = Identity: pooled feature
     model = SimCLR(backbone, projection_head(backbone.feat_dim, backbone.feat_dim, args.proj_dim),
-                   args.temperature).to(device)
-    if sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:
-        model = dist.ddp(model, device)
+                   args.temperature)
+    model, core = dist.place(model, device, sync_bn and world > 1, sync_buffers=True)
 
     # ============ optimizer / resume ============
     lr = optim.scaled_lr(args.lr, args.batch_size)

@@ -61,6 +61,19 @@ def ddp(model, device, sync_buffers=True):
                                                      **kw)
 
 
+def place(model, device, sync_bn=False, sync_buffers=False, channels_last=True):
+    """The placement every training program does: SyncBatchNorm if asked, onto the device,
+    channels_last on CUDA (faster convs under AMP), then DDP with several processes. Buffers are not
+    broadcast by default: BN statistics stay per process (rank 0's are saved) and queues/banks are
+    kept identical by construction. Returns (the module to call, the unwrapped module)."""
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last and device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return (ddp(model, device, sync_buffers) if get_world_size() > 1 else model), model
+
+
 def seed_all(seed, deterministic=False):
     """Seeds python, numpy and torch alike on every process (so models start identical), and with
     `deterministic` asks for deterministic kernels (slower on GPU)."""

@@ -17,7 +17,6 @@ Spec: methods-modern.md §17.4 (citations `MAE:` are to facebookresearch/mae at 
   * Schedule (`MAE:util/lr_sched.py:9-21`): per iteration, linear warm-up from 0, then a half cosine
     to min_lr; every group's LR is the schedule's times its lr_mult (the layer's scale).
 """
-import math
 import re
 
 import torch
@@ -133,15 +132,6 @@ def param_groups(model, weight_decay, layer_decay):
 
 
 # ============ schedule, mixing, data ============
-
-
-def warmup_cosine(base_lr, e, warmup_epochs, epochs, min_lr=0.0):
-    """LR at fractional epoch e (`MAE:util/lr_sched.py:9-21`): base_lr * e / warmup during the
-    warm-up, then min_lr + (base_lr - min_lr) * (1 + cos(pi * progress)) / 2."""
-    if e < warmup_epochs:
-        return base_lr * e / warmup_epochs
-    progress = (e - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def batch_mixing(num_classes, mixup=0.8, cutmix=1.0, switch_prob=0.5):

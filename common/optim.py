@@ -29,6 +29,15 @@ def lr_at(base_lr, epoch, it, iters_per_epoch, epochs, cos=False, milestones=(),
     return lr
 
 
+def warmup_cosine(base_lr, e, warmup_epochs, epochs, min_lr=0.0):
+    """LR at fractional epoch e of the modern recipes (MAE:util/lr_sched.py:9-21, M3:main_moco.py:420-428):
+    linear from 0 over the warm-up, then a half cosine from base_lr to min_lr at e = epochs."""
+    if e < warmup_epochs:
+        return base_lr * e / warmup_epochs
+    progress = (e - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def set_lr(optimizer, lr):
     """Sets every group's LR to lr x its lr_mult (default 1)."""
     for g in optimizer.param_groups:

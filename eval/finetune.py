@@ -60,7 +60,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
-from common import augment, checkpoint, dist  # noqa: E402
+from common import augment, checkpoint, dist, optim  # noqa: E402
 from common import finetune as ft  # noqa: E402
 from common.features import describe_backbone, vit_eval_transform  # noqa: E402
 from common.log import start_run  # noqa: E402
@@ -221,8 +221,8 @@ def main(argv=None):
     for epoch in range(run.start_epoch, args.epochs):
         sampler.set_epoch(epoch, run.start_iter)
         if ft.train_one_epoch(model, loader, optimizer, scaler,
-                              lambda it: ft.warmup_cosine(lr, epoch + it / iters, args.warmup_epochs, args.epochs,
-                                                          args.min_lr),
+                              lambda it: optim.warmup_cosine(lr, epoch + it / iters, args.warmup_epochs, args.epochs,
+                                                             args.min_lr),
                               run.train_meter(epoch, iters, args.batch_size), device, amp, run.start_iter, mix,
                               args.smoothing, args.accum_iter,
                               lambda it: run.step_end(epoch * steps + (it + 1) // args.accum_iter, epoch, it, iters)):

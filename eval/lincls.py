@@ -65,7 +65,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -264,10 +263,7 @@ def lr_of(base_lr, epoch, it, iters, args):
     """LR of iteration `it` of `epoch`: with --warmup-epochs MAE's lr_sched (linear warm-up, then a
     cosine to 0 over the rest, per iteration: MAE:util/lr_sched.py:9-21), else per-epoch cosine or steps."""
     if getattr(args, 'warmup_epochs', 0):
-        e, w = epoch + it / iters, args.warmup_epochs
-        if e < w:
-            return base_lr * e / w
-        return base_lr * 0.5 * (1 + math.cos(math.pi * (e - w) / max(args.epochs - w, 1e-12)))
+        return optim.warmup_cosine(base_lr, epoch + it / iters, args.warmup_epochs, args.epochs)
     return optim.lr_at(base_lr, epoch, it, iters, args.epochs, getattr(args, 'cos', False), milestones=args.schedule)
 
 

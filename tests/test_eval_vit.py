@@ -13,7 +13,7 @@ import torch
 from common import checkpoint
 from common.features import load_eval_backbone, vit_eval_transform
 from common.knn import knn_accuracy, knn_predict
-from common.vit import VisionTransformer, vit_backbone_state_dict
+from common.vit import VisionTransformer
 from conftest import refused
 from eval import extract, knn, lincls, semi
 

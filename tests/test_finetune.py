@@ -108,7 +108,7 @@ def test_groups_equal_maes_param_groups_lrd():
 
 
 def test_warmup_cosine_by_hand():
-    lr = [ft.warmup_cosine(1.0, e, 5, 105, 1e-6) for e in (0, 2.5, 5, 55, 105)]
+    lr = [optim.warmup_cosine(1.0, e, 5, 105, 1e-6) for e in (0, 2.5, 5, 55, 105)]
     assert lr == pytest.approx([0.0, 0.5, 1.0, 1e-6 + (1 - 1e-6) * 0.5, 1e-6])
 
 

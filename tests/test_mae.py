@@ -11,8 +11,9 @@ import torch.nn as nn
 from PIL import Image
 
 from common import checkpoint, vit
+from common.optim import warmup_cosine
 from conftest import refused, stop_and_resume, torchrun
-from mae import (MAE, augmentation, build_model, lr_at, mae_loss, main, parse_args, patchify, pixel_target,
+from mae import (MAE, augmentation, build_model, mae_loss, main, parse_args, patchify, pixel_target,
                  random_masking, unpatchify, weight_decay_groups)
 
 TINY = ['--arch', 'vit_tiny', '--crop-size', '8', '--patch-size', '4', '--decoder-dim', '16', '--decoder-depth', '1',
@@ -151,10 +152,10 @@ def test_weight_decay_groups_and_lr():
     assert all(model.get_parameter(n).ndim > 1 for n in d)
     assert 'encoder.pos_embed' not in nd | d and 'decoder_pos_embed' not in nd | d
     assert len(nd | d) == sum(p.requires_grad for p in model.parameters())
-    assert lr_at(1.0, 0, 40, 800) == 0 and lr_at(1.0, 20, 40, 800) == pytest.approx(0.5)
-    assert lr_at(1.0, 420, 40, 800) == pytest.approx(0.5)
-    assert lr_at(1.0, 420, 40, 800, min_lr=0.2) == pytest.approx(0.6)
-    assert lr_at(1.0, 800, 40, 800) == pytest.approx(0, abs=1e-12)
+    assert warmup_cosine(1.0, 0, 40, 800) == 0 and warmup_cosine(1.0, 20, 40, 800) == pytest.approx(0.5)
+    assert warmup_cosine(1.0, 420, 40, 800) == pytest.approx(0.5)
+    assert warmup_cosine(1.0, 420, 40, 800, min_lr=0.2) == pytest.approx(0.6)
+    assert warmup_cosine(1.0, 800, 40, 800) == pytest.approx(0, abs=1e-12)
 
 
 def test_recipe_and_augmentation():

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common import optim
+from common.optim import warmup_cosine
 from common.vit import VisionTransformer
 from conftest import REPO, stop_and_resume, torchrun
-from mocov3 import MoCoV3, augmentation, build_model, contrastive_loss, lr_at, main, momentum_at, parse_args
+from mocov3 import MoCoV3, augmentation, build_model, contrastive_loss, main, momentum_at, parse_args
 
 TINY_VIT = ['--arch', 'vit_tiny', '--crop-size', '8', '--moco-dim', '8', '--moco-mlp-dim', '32',
             '--workers', '0', '--print-freq', '1', '--seed', '0', '--batch-size', '16', '--warmup-epochs', '1']
@@ -51,12 +51,12 @@ def test_momentum_schedule_by_hand():
 
 def test_lr_schedule_by_hand():
     """Linear from 0 over the warm-up (the first step has LR 0, as the reference), cosine after."""
-    assert lr_at(2.0, 0, 10, 100) == 0
-    assert lr_at(2.0, 2.5, 10, 100) == pytest.approx(0.5)
-    assert lr_at(2.0, 10, 10, 100) == pytest.approx(2.0)
-    assert lr_at(2.0, 55, 10, 100) == pytest.approx(1.0)
-    assert lr_at(2.0, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(2.0, 0, 0, 4) == pytest.approx(2.0)
+    assert warmup_cosine(2.0, 0, 10, 100) == 0
+    assert warmup_cosine(2.0, 2.5, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(2.0, 10, 10, 100) == pytest.approx(2.0)
+    assert warmup_cosine(2.0, 55, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(2.0, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(2.0, 0, 0, 4) == pytest.approx(2.0)
 
 
 def test_fair_lars_by_hand():
