@@ -23,10 +23,6 @@ reads; ours keeps none. The two LRs are 25x the reference's defaults (5.0 and 0.
 allow) and the weight decay 1e-3, so that 3 steps move the weights well above float64 rounding.
 """
 import argparse
-import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,41 +33,22 @@ import barlowtwins as bt
 from common import optim
 from common.resnet import ResNet
 
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__barlowtwins'
-if not os.environ.get('SSL_REFS') or not (REF / 'main.py').is_file():
-    pytest.skip('set SSL_REFS to a folder holding facebookresearch__barlowtwins', allow_module_level=True)
+from .refs import checkout, load, one_process_group, rel
+
+REF = checkout('facebookresearch__barlowtwins', 'main.py')
 
 TOL = 1e-9  # on differences divided by the largest magnitude of their tensor (when above 1)
 LR_W, LR_B, WD = 5.0, 0.12, 1e-3
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 M = load('bt_reference_main', REF / 'main.py')
 
 
 @pytest.fixture(scope='module', autouse=True)
-def process_group(tmp_path_factory):
+def process_group():
     """The reference all-reduces C over torch.distributed: one gloo process."""
-    import torch.distributed as tdist
-    mine = not tdist.is_initialized()
-    if mine:
-        store = tmp_path_factory.mktemp('pg') / 'store'
-        tdist.init_process_group('gloo', init_method=f'file://{store}', rank=0, world_size=1)
-    yield
-    if mine:
-        tdist.destroy_process_group()
+    with one_process_group():
+        yield
 
 
 def small_resnet50(**kw):

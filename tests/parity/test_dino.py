@@ -18,9 +18,6 @@ gloo group is initialised; the reference's modules are built on the CPU (its mai
 and cast to float64; its `utils` and `vision_transformer` modules are imported under their own names
 and removed from sys.modules afterwards.
 """
-import importlib
-import os
-import socket
 import sys
 import types
 from functools import partial
@@ -33,12 +30,13 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__dino'
-pytestmark = pytest.mark.skipif(not os.environ.get('SSL_REFS') or not (REF / 'main_dino.py').exists(),
-                                reason='needs SSL_REFS with a facebookresearch__dino checkout')
 
 import dino  # noqa: E402
 from common.vit import VisionTransformer  # noqa: E402
+
+from .refs import checkout, import_isolated, one_process_group  # noqa: E402
+
+REF = checkout('facebookresearch__dino', 'main_dino.py')
 
 B, OUT, EPOCHS, ITERS = 4, 32, 2, 2
 TOL = 1e-10
@@ -47,26 +45,9 @@ TOL = 1e-10
 @pytest.fixture(scope='module')
 def ref():
     """The reference's main_dino, utils and vision_transformer modules, and a 1-process gloo group."""
-    import torch.distributed as tdist
-    own = tdist.is_initialized()
-    if not own:
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
-    saved = {k: sys.modules.pop(k) for k in ('utils', 'vision_transformer', 'main_dino') if k in sys.modules}
-    sys.path.insert(0, str(REF))
-    try:
-        mods = types.SimpleNamespace(main=importlib.import_module('main_dino'), utils=importlib.import_module('utils'),
-                                     vits=importlib.import_module('vision_transformer'))
-    finally:
-        sys.path.remove(str(REF))
-        for k in ('utils', 'vision_transformer', 'main_dino'):
-            sys.modules.pop(k, None)
-        sys.modules.update(saved)
-    yield mods
-    if not own:
-        tdist.destroy_process_group()
+    main, utils, vits = import_isolated(REF, ('main_dino', 'utils', 'vision_transformer'))
+    with one_process_group():
+        yield types.SimpleNamespace(main=main, utils=utils, vits=vits)
 
 
 def our_vit(student):

@@ -18,10 +18,8 @@ Shims, all in this file, for the installed timm 1.0 and numpy 2 (the reference t
 """
 import argparse
 import importlib
-import os
 import sys
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,20 +27,16 @@ import torch
 import torch.nn as nn
 
 from common.vit import VisionTransformer, sincos_pos_embed
-from mae import MAE, lr_at, weight_decay_groups
+from common.optim import warmup_cosine
+from mae import MAE, weight_decay_groups
 
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__mae'
-if not os.environ.get('SSL_REFS') or not (REF / 'models_mae.py').is_file():
-    pytest.skip('set SSL_REFS to a folder holding facebookresearch__mae', allow_module_level=True)
+from .refs import checkout, rel
+
+REF = checkout('facebookresearch__mae', 'models_mae.py')
 
 TOL = 1e-9  # float64; differences relative to the tensor's largest magnitude when that exceeds 1
 KW = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 DEC = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
 
 
 def import_reference():
@@ -115,7 +109,7 @@ def compare(norm_pix=True, steps=3, noise_swap=False, one_group=False):
     for i in range(steps):
         e = (0.5, 1.25, 2.0)[i]  # one warm-up step, two on the cosine
         lr_ref = LR_SCHED.adjust_learning_rate(ropt, e, sched)
-        lr = lr_at(base_lr, e, 1, 4, 1e-6)
+        lr = warmup_cosine(base_lr, e, 1, 4, 1e-6)
         for g in oopt.param_groups:
             g['lr'] = lr
         diff['lr'] = max(diff['lr'], abs(lr - lr_ref))

@@ -17,44 +17,26 @@ timm 0.4.9): `timm.models.layers.helpers` is provided with timm.layers.to_2tuple
 """
 import argparse
 import ast
-import importlib.util
 import math
-import os
 import sys
 import types
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from common import optim
+from common.optim import warmup_cosine
 from common.resnet import build_resnet
 from common.vit import VisionTransformer
-from mocov3 import MoCoV3, lr_at, momentum_at
+from mocov3 import MoCoV3, momentum_at
 
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__moco-v3'
-if not os.environ.get('SSL_REFS') or not (REF / 'moco' / 'builder.py').is_file():
-    pytest.skip('set SSL_REFS to a folder holding facebookresearch__moco-v3', allow_module_level=True)
+from .refs import checkout, load, one_process_group, rel
 
-# float64. A difference is divided by the largest magnitude of its tensor when that exceeds 1; below,
-# it stays absolute (rounding noise on tensors whose exact value is 0, such as AdamW moments of
-# gradients that vanish in exact arithmetic, would otherwise look large)
-TOL = 1e-9
+REF = checkout('facebookresearch__moco-v3', 'moco/builder.py')
 
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+TOL = 1e-9  # float64, on refs.rel
 
 
 def schedules():
@@ -84,16 +66,10 @@ ADJUST_LR, ADJUST_M = schedules()
 
 
 @pytest.fixture(scope='module', autouse=True)
-def process_group(tmp_path_factory):
+def process_group():
     """The reference gathers keys and reads its rank from torch.distributed: one gloo process."""
-    import torch.distributed as tdist
-    mine = not tdist.is_initialized()
-    if mine:
-        store = tmp_path_factory.mktemp('pg') / 'store'
-        tdist.init_process_group('gloo', init_method=f'file://{store}', rank=0, world_size=1)
-    yield
-    if mine:
-        tdist.destroy_process_group()
+    with one_process_group():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +135,7 @@ def compare(pair, optimizer, steps=3, our_t=None, skip_momentum=False):
     for i in range(steps):
         e = 1 + i / steps  # in the warm-up: a non-zero LR that changes every step
         lr_ref, m_ref = ADJUST_LR(ropt, e, sched), ADJUST_M(e, sched)
-        lr, m = lr_at(base_lr, e, 2, 4), momentum_at(e, 4, 0.99)
+        lr, m = warmup_cosine(base_lr, e, 2, 4), momentum_at(e, 4, 0.99)
         optim.set_lr(oopt, lr)
         diff['lr'] = max(diff['lr'], abs(lr - lr_ref), abs(m - m_ref))
         x1, x2 = (torch.randn(4, 3, size, size, generator=gen, dtype=torch.float64) for _ in range(2))

@@ -20,15 +20,10 @@ the same way here.
 import argparse
 import ast
 import contextlib
-import importlib.util
 import io
 import math
-import os
-import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,23 +32,15 @@ import simsiam
 from common.resnet import build_resnet
 from simsiam import SimSiam, build_optimizer, set_epoch_lr
 
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__simsiam'
-if not os.environ.get('SSL_REFS') or not (REF / 'simsiam' / 'builder.py').is_file():
-    pytest.skip('set SSL_REFS to a folder holding facebookresearch__simsiam', allow_module_level=True)
+from .refs import checkout, load, rel
+
+REF = checkout('facebookresearch__simsiam', 'simsiam/builder.py')
 
 TOL = 1e-10  # float64; a difference is divided by the tensor's largest magnitude when that exceeds 1
 
 
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
-
-
 def load_builder():
-    spec = importlib.util.spec_from_file_location('ss_builder', REF / 'simsiam' / 'builder.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load('ss_builder', REF / 'simsiam' / 'builder.py')
 
 
 def reference_functions():

@@ -31,8 +31,6 @@ Shims (the reference needs apex and CUDA; nothing of its code is changed):
 import argparse
 import importlib
 import math
-import os
-import socket
 import sys
 import types
 from pathlib import Path
@@ -44,13 +42,14 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-REF = Path(os.environ.get('SSL_REFS', '/nonexistent')) / 'facebookresearch__swav'
-pytestmark = pytest.mark.skipif(not os.environ.get('SSL_REFS') or not (REF / 'main_swav.py').exists(),
-                                reason='needs SSL_REFS with a facebookresearch__swav checkout')
 
 import swav  # noqa: E402
 from common import optim  # noqa: E402
 from common.resnet import Bottleneck, ResNet  # noqa: E402
+
+from .refs import checkout, import_isolated, one_process_group  # noqa: E402
+
+REF = checkout('facebookresearch__swav', 'main_swav.py')
 
 B, K, D, HIDDEN, EPOCHS = 4, 20, 16, 32, 3
 LR = dict(base_lr=0.5, final_lr=0.05, warmup_epochs=1, start_warmup=0.1)
@@ -110,13 +109,6 @@ class RecordingLARC(optim.LARC):
 
 @pytest.fixture(scope='module')
 def ref():
-    import torch.distributed as tdist
-    own = not tdist.is_initialized()
-    if own:
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
     apex = types.ModuleType('apex')
     apex.parallel = types.ModuleType('apex.parallel')
     apex.parallel.LARC = types.ModuleType('apex.parallel.LARC')
@@ -124,24 +116,15 @@ def ref():
     stubs = {'apex': apex, 'apex.parallel': apex.parallel, 'apex.parallel.LARC': apex.parallel.LARC}
     if importlib.util.find_spec('pandas') is None:
         stubs['pandas'] = types.ModuleType('pandas')
-    names = ('main_swav', 'src', 'src.utils', 'src.logger', 'src.resnet50', 'src.multicropdataset')
-    saved = {k: sys.modules.pop(k) for k in (*names, *stubs) if k in sys.modules}
-    sys.modules.update(stubs)
-    sys.path.insert(0, str(REF))
-    try:
-        mods = types.SimpleNamespace(main=importlib.import_module('main_swav'),
-                                     resnet=importlib.import_module('src.resnet50'))
-    finally:
-        sys.path.remove(str(REF))
-        for k in (*names, *stubs):
-            sys.modules.pop(k, None)
-        sys.modules.update(saved)
+    main, resnet = import_isolated(REF, ('main_swav', 'src.resnet50'), ('src', 'src.utils', 'src.logger',
+                                                                     'src.multicropdataset'), stubs)
     cuda = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
-    yield mods
-    torch.Tensor.cuda = cuda
-    if own:
-        tdist.destroy_process_group()
+    try:
+        with one_process_group():
+            yield types.SimpleNamespace(main=main, resnet=resnet)
+    finally:
+        torch.Tensor.cuda = cuda
 
 
 class Wrap(nn.Module):
