@@ -24,7 +24,8 @@ The method, as facebookresearch/swav:
     crops (`SW:main_swav.py:287-315,353-376`);
   * LARC (trust 0.001, no clipping, every parameter) over SGD momentum 0.9, wd 1e-6; per-iteration
     LR: linear warm-up from --start-warmup, then a cosine to --final-lr; the prototypes get no update
-    for the first --freeze-prototypes-niters iterations (`SW:main_swav.py:166-182,318-328`).
+    for the first --freeze-prototypes-niters iterations (`SW:main_swav.py:166-182,318-328`);
+    `--optimizer adam` swaps LARC for Adam under the same schedule (lightly's CIFAR-10 benchmark).
 --recipe (explicit flags win): bs4096 = batch 4096, lr 4.8 -> 0.0048, 10 warm-up epochs from 0.3,
   prototypes frozen 313 iterations, no queue, 800 epochs (`SW:scripts/swav_800ep_pretrain.sh:28-50`);
   bs256 = batch 256, lr 0.6 -> 0.0006, no warm-up, frozen 5005 iterations, a 3840-row queue from
@@ -103,7 +104,10 @@ def get_parser():
     g.add_argument('--final-lr', type=float, default=None, help='LR at the end of the cosine; None = 0.0048 / 0.0006')
     g.add_argument('--warmup-epochs', type=int, default=None, help='linear warm-up epochs; None = 10 / 0')
     g.add_argument('--start-warmup', type=float, default=None, help='LR at the start of the warm-up; None = 0.3 / 0')
-    g.add_argument('--wd', type=float, default=1e-6, help='weight decay (inside LARC, every parameter)')
+    g.add_argument('--optimizer', choices=['larc', 'adam'], default='larc',
+                   help="larc: LARC over SGD (the reference's); adam: Adam, as lightly's CIFAR-10 benchmark, under "
+                        "the same LR schedule and wd")
+    g.add_argument('--wd', type=float, default=1e-6, help='weight decay (inside LARC or Adam, every parameter)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum under LARC')
     g.add_argument('--trust', type=positive(float), default=0.001, help='LARC trust coefficient eta')
     g = add_run_args(p, 'output/swav', device_aug=True)
@@ -299,23 +303,19 @@ def main(argv=None):
     sync_bn = (world > 1 and device.type == 'cuda') if args.sync_bn is None else args.sync_bn
     if sync_bn and device.type != 'cuda':
         raise SystemExit('--sync-bn needs CUDA devices; drop it on CPU')
-    if sync_bn:  # SW:main_swav.py:157-158
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:  # BN running statistics stay per process; rank 0's are saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+    model, core = dist.place(model, device, sync_bn)  # SyncBN: SW:main_swav.py:157-158; BN stats per process
 
     # ============ optimizer, schedule, resume ============
-    # LARC over SGD, every parameter (SW:main_swav.py:166-177)
-    optimizer = optim.LARC(core.parameters(), args.base_lr, momentum=args.momentum, weight_decay=args.wd,
-                           eta=args.trust)
+    # LARC over SGD, every parameter (SW:main_swav.py:166-177); or Adam (LY:cifar10_benchmark.py SwaVModel)
+    if args.optimizer == 'adam':
+        optimizer, opt_name = torch.optim.Adam(core.parameters(), args.base_lr, weight_decay=args.wd), 'Adam'
+    else:
+        optimizer = optim.LARC(core.parameters(), args.base_lr, momentum=args.momentum, weight_decay=args.wd,
+                               eta=args.trust)
+        opt_name = f'LARC (eta {args.trust:g}) over SGD'
     lrs = lr_schedule(args.base_lr, args.final_lr, args.epochs, iters, args.warmup_epochs, args.start_warmup)
     warm = f'{args.start_warmup:g} -> {args.base_lr:g} in {args.warmup_epochs} epochs, ' if args.warmup_epochs else ''
-    log.print(f'LARC (eta {args.trust:g}) over SGD: LR {warm}{args.base_lr:g} cosine to {args.final_lr:g}; '
+    log.print(f'{opt_name}: LR {warm}{args.base_lr:g} cosine to {args.final_lr:g}; '
               f'wd {args.wd:g}; prototypes frozen for '
               f'{args.freeze_prototypes_niters} iterations; BN {"synchronised" if sync_bn else "per process"}; '
               f'collapse value of the loss ln K = {math.log(args.nmb_prototypes):.4f}')

@@ -16,8 +16,8 @@ per-method flags are lightly's settings in our flags: SGD at 0.06 x batch/128 (o
 0.12), momentum 0.9, wd 5e-4, cosine, no warm-up; MoCo T 0.1, queue 8192 (lightly's for batch 512),
 key momentum 0.99, 8 BN splits; SimCLR T 0.5, colour strength 0.5, projection 512-512-128; BYOL
 projector and predictor 1024 wide to 256, target momentum 0.99 (ours rises to 1 on a cosine, as the
-paper); SimSiam, Barlow Twins and SwAV: see METHOD_ARGS (Barlow Twins and SwAV keep their papers'
-LARS / LARC where lightly uses SGD / Adam). Their ResNet-18 and crops differ in details; the flags are
+paper); SimSiam, Barlow Twins and SwAV: see METHOD_ARGS (Barlow Twins keeps its paper's LARS where
+lightly uses SGD; SwAV takes lightly's Adam). Their ResNet-18 and crops differ in details; the flags are
 not tuned beyond that.
 """
 import argparse
@@ -42,9 +42,10 @@ METHOD_ARGS = {  # lightly's CIFAR-10 benchmark settings, in our flags
     'simsiam': '--proj-layers 2 --proj-hidden-dim 2048 --dim 2048 --pred-dim 512 --lr 0.03 --wd 5e-4 --knn-t 0.1',
     # lightly: projector 2048-2048, lambda 0.005; barlowtwins.py has FAIR LARS only (lightly: SGD), its LRs kept
     'barlowtwins': '--projector 2048-2048 --lambd 0.005 --warmup-epochs 2 --knn-t 0.1',
-    # lightly: head 512-512-128, 512 prototypes, 2 crops of 32 px (scale 0.14-1), no queue (lightly: Adam 1e-3)
-    'swav': '--hidden-mlp 512 --nmb-prototypes 512 --base-lr 0.6 --final-lr 0.0006 --warmup-epochs 0 '
-            '--freeze-prototypes-niters 98 --queue-length 0 --knn-t 0.1',
+    # lightly: head 512-512-128, 512 prototypes, 2 crops of 32 px (scale 0.14-1), no queue, Adam 1e-3 x batch/128
+    # with wd 1e-6 on a cosine to 0
+    'swav': '--hidden-mlp 512 --nmb-prototypes 512 --optimizer adam --base-lr 0.004 --final-lr 0 --wd 1e-6 '
+            '--warmup-epochs 0 --freeze-prototypes-niters 98 --queue-length 0 --knn-t 0.1',
 }
 # how each method takes its crop size (SwAV: a list of multi-crop sizes and counts)
 CROP_ARGS = {'swav': '--size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 --max-scale-crops 1'}

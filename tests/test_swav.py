@@ -328,6 +328,23 @@ def test_torchrun_two_processes_sinkhorn_queue_and_resume(tmp_path):
     assert 'holds the queues of 2 processes and this run has 1' in msg
 
 
+def test_adam_option(data64, tmp_path):
+    """--optimizer adam (lightly's CIFAR-10 SwaV): plain Adam on every parameter under the same per-iteration
+    schedule; the frozen first step leaves the prototypes without Adam state, so after 2 steps their
+    Adam step count is 1 and the backbone's 2."""
+    swav.main([str(data64), *TINY, '--epochs', '1', '--batch-size', '16', '--max-steps', '2', '--optimizer', 'adam',
+               '--base-lr', '0.002', '--final-lr', '0', '--start-warmup', '0.001', '--wd', '1e-5', '--output-dir',
+               str(tmp_path)])
+    ck = torch.load(tmp_path / 'checkpoint_last.pth', weights_only=True)
+    (group,) = ck['optimizer']['param_groups']
+    lrs = swav.lr_schedule(0.002, 0., 1, 4, 1, 0.001)  # 64 images / 16 = 4 iterations, all warm-up
+    assert group['weight_decay'] == 1e-5 and group['lr'] == pytest.approx(lrs[1]) and 'momentum' not in group
+    names = [n for n, _ in swav.SwAV(build_resnet('resnet10', 0, 8, cifar_stem=True), 32, 16, 20).named_parameters()]
+    steps = {names[i]: float(st['step']) for i, st in ck['optimizer']['state'].items()}
+    assert steps['prototypes.weight'] == 1 and steps['backbone.conv1.weight'] == 2
+    assert all('exp_avg_sq' in st for st in ck['optimizer']['state'].values())
+
+
 def test_device_aug_trains(data64, tmp_path):
     swav.main([str(data64), *TINY, '--epochs', '1', '--batch-size', '16', '--max-steps', '1', '--device-aug', 'memory',
                '--output-dir', str(tmp_path)])
