@@ -172,6 +172,7 @@ def test_recipe_and_augmentation():
     assert t.transforms[0].scale == (0.2, 1.0) and t.transforms[0].interpolation.value == 'bicubic'
     demo = parse_args([])
     assert demo.data.endswith('cifar10_sample') and demo.arch == 'vit_tiny' and demo.crop_size == 32
+    assert (demo.epochs, demo.warmup_epochs, demo.lr, demo.batch_size) == (20, 1, 1.5e-3, 128)
 
 
 def test_bad_input_one_line(tmp_path, capsys):
