@@ -123,9 +123,9 @@ def get_parser():
 
 # demo: the ResNet-10 (width 32, CIFAR stem) of the other demos on the 5,000-image sample, 2x32 + 4x16
 # crops as dino.py's demo, solo-learn's CIFAR lr 0.6 (§18.1) with fewer prototypes and a small head.
-# NOT YET TUNED: on a machine loaded ~18 on 2 cores (25-35 s per step) its first 2 epochs gave kNN 28.10
-# (random init 28.70) with the loss at ln K; --base-lr 4.8 on a smaller run also settled at ln K within
-# 50 steps. Candidates (the README's anti-collapse advice): --epsilon 0.03, a higher --base-lr, a queue
+# NOT YET TUNED: its loss reaches ln K in the first epoch and its kNN (28.10 after 2 epochs) stays below
+# the random init's 28.70. --epsilon 0.03 or 0.02 with --trust 0.02 keeps the loss below ln K, but no
+# setting tried (docs/BENCHMARKS.md, "SwAV demo search") beat 28.70 within 10 epochs
 DEMO = dict(data=str(SAMPLE_DATA), arch='resnet10', width=32, cifar_stem=True, size_crops=[32, 16],
             nmb_crops=[2, 4], hidden_mlp=512, nmb_prototypes=300, batch_size=128, base_lr=0.6, final_lr=0.0006,
             warmup_epochs=0, start_warmup=0., freeze_prototypes_niters=39, queue_length=0, epoch_queue_starts=15,
