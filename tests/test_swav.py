@@ -154,7 +154,8 @@ def test_recipes_and_demo_defaults():
         assert (x.temperature, x.epsilon, x.sinkhorn_iterations, x.nmb_prototypes, x.feat_dim, x.hidden_mlp,
                 x.wd, x.crops_for_assign, x.arch) == (0.1, 0.05, 3, 3000, 128, 2048, 1e-6, [0, 1], 'resnet50')
     d = swav.parse_args([])
-    assert d.data == str(swav.SAMPLE_DATA) and d.size_crops == [32, 16] and d.cifar_stem
+    assert d.data == str(swav.SAMPLE_DATA) and d.size_crops == [32] and d.nmb_crops == [2] and d.cifar_stem
+    assert (d.epsilon, d.trust, d.epochs, d.min_scale_crops, d.max_scale_crops) == (0.03, 0.02, 30, [0.14], [1.0])
     assert swav.check_args(b) == (8, 3840)
     assert swav.check_args(swav.parse_args(['/d', '--recipe', 'bs256', '--queue-length', '4000']))[1] == 3840  # rounded
 
