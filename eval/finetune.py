@@ -248,10 +248,7 @@ def build_model(args, sd, cfg, num_classes, world, device):
     core = core.to(device)
     if device.type == 'cuda':
         core = core.to(memory_format=torch.channels_last)
-    model = core
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == 'cuda' else None)
-    return model, core
+    return (dist.ddp(core, device) if world > 1 else core), core
 
 
 def evaluate(val_loader, core, device, amp, epoch, log):

@@ -683,22 +683,18 @@ def lincls_model(sd, cfg, args, vit, heads, num_classes, crop, device, world):
     for name, p in model.named_parameters():  # freeze all but the classifier(s)
         p.requires_grad = name.startswith('fc.') and name.endswith(('weight', 'bias'))
     if not multi:
-        linear = model.fc[1] if getattr(model, 'bn_head', False) else model.fc
         if getattr(model, 'bn_head', False):  # MAE:main_linprobe.py:223: trunc_normal_(std=0.01)
+            linear = model.fc[1]
             nn.init.trunc_normal_(linear.weight, std=0.01)
         else:
+            linear = model.fc
             nn.init.normal_(linear.weight, mean=0.0, std=0.01)
         nn.init.zeros_(linear.bias)
     params = [p for p in model.parameters() if p.requires_grad]
     if len(params) != 2 * len(heads):
         raise SystemExit(f'expected {2 * len(heads)} trainable tensors (weight and bias of each fc), found {len(params)}')
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:  # only fc has gradients; BN statistics are frozen (multi-head: per process, rank 0's saved)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+    # only fc has gradients; BN statistics are frozen (multi-head: per process, rank 0's saved)
+    model, core = dist.place(model, device)
     return model, core, params
 
 

@@ -255,10 +255,7 @@ def build_training(args, sd, cfg, num_classes, world, device, wd):
     nn.init.zeros_(model.fc.bias)
     if world > 1 and device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    core = model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    model, core = dist.place(model, device, sync_buffers=True, channels_last=False)
     lr = optim.scaled_lr(args.lr, args.batch_size)
     head = [p for n, p in core.named_parameters() if n.startswith('fc.')]
     body = [p for n, p in core.named_parameters() if not n.startswith('fc.')]
